@@ -1,0 +1,349 @@
+"""`moerag`: the command line. A thin shell: parse flags, call the library, print.
+
+Errors users can hit (MoeragError) become one red line and exit code 1, here and only here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from app.settings import Settings, load_settings
+from retrieval.errors import MoeragError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="moerag: search and ask your documents, locally.")
+docs_app = typer.Typer(no_args_is_help=True, help="List, show and remove documents.")
+index_app = typer.Typer(no_args_is_help=True, help="Check or rebuild the FAISS index.")
+app.add_typer(docs_app, name="docs")
+app.add_typer(index_app, name="index")
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+HomeOpt = Annotated[Optional[Path], typer.Option("--home", help="Data directory (default: $MOERAG_HOME or ~/.moerag).")]
+CollOpt = Annotated[Optional[str], typer.Option("--collection", "-c", help="Collection name (default: 'default').")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _settings(home: Path | None, **overrides) -> Settings:
+    return load_settings(home=home).replace(**overrides)
+
+
+def _kb(settings: Settings):
+    from retrieval.index import IndexParams
+    from retrieval.kb import KnowledgeBase
+
+    params = IndexParams(exact_max=settings.exact_index_max, nprobe=settings.nprobe)
+    return KnowledgeBase(settings.home, database_url=settings.database_url or None, index_params=params)
+
+
+def _embedder(settings: Settings):
+    from ingest.embedder import get_embedder
+
+    return get_embedder(settings.embed_model)
+
+
+class _RichProgress:
+    """Files done / total, chunks embedded, chunks per second, time left."""
+
+    def __init__(self, console: Console):
+        self.bar = Progress(
+            TextColumn("[bold]ingesting"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("files · {task.fields[chunks]} chunks · {task.fields[rate]} chunks/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = None
+        self.chunks = 0
+
+    def start(self, files: int) -> None:
+        self.bar.start()
+        self.task = self.bar.add_task("ingest", total=files, chunks=0, rate="-")
+
+    def advance(self, *, files: int = 0, chunks: int = 0) -> None:
+        self.chunks += chunks
+        elapsed = self.bar.tasks[0].elapsed or 0
+        rate = f"{self.chunks / elapsed:.0f}" if elapsed > 0.5 else "-"
+        self.bar.update(self.task, advance=files, chunks=self.chunks, rate=rate)
+
+    def stop(self) -> None:
+        self.bar.stop()
+
+
+# --- ingest ------------------------------------------------------------------------------------
+
+
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files and folders to ingest (folders recursively).")],
+    collection: CollOpt = None,
+    prune: Annotated[bool, typer.Option("--prune", help="Remove documents under PATHS whose files are gone.")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Parse, chunk and embed files into a collection; unchanged files are skipped."""
+    from ingest.pipeline import IngestOptions, ingest_paths
+
+    s = _settings(home, collection=collection)
+    kb = _kb(s)
+    embedder = _embedder(s)
+    options = IngestOptions(chunk_tokens=s.chunk_tokens, chunk_overlap=s.chunk_overlap, max_bytes=int(s.max_file_mb * 2**20))
+    progress = _RichProgress(err)
+    try:
+        report = ingest_paths(kb, embedder, paths, collection=s.collection, options=options, prune=prune, progress=progress)
+    finally:
+        progress.stop()
+    table = Table(title=f"collection '{s.collection}' · {report.chunks} chunks embedded in {report.seconds:.1f} s")
+    for status in ("added", "updated", "unchanged", "failed", "removed"):
+        table.add_column(status, justify="right")
+    table.add_row(*(str(report.count(st)) for st in ("added", "updated", "unchanged", "failed", "removed")))
+    out.print(table)
+    for r in report.failed:
+        out.print(f"[red]failed[/] {escape(r.source)}: {escape(r.error or '')}")
+    if report.failed:
+        raise typer.Exit(2)
+
+
+# --- search ------------------------------------------------------------------------------------
+
+
+@app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    k: Annotated[int, typer.Option("-k", help="How many results.")] = 10,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="hybrid (default), dense or bm25.")] = None,
+    collection: CollOpt = None,
+    source: Annotated[Optional[str], typer.Option("--source", help="Only documents whose path starts with this.")] = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Search the knowledge base (dense + BM25, fused by reciprocal rank)."""
+    from retrieval.search import search as run_search
+
+    s = _settings(home, collection=collection, search_mode=mode)
+    kb = _kb(s)
+    embedder = _embedder(s) if s.search_mode != "bm25" else None
+    src = str(Path(source).expanduser().resolve()) if source and Path(source).expanduser().exists() else source
+    hits = run_search(
+        kb, query, embed=embedder.encode if embedder else None, collection=s.collection, k=k, mode=s.search_mode, source=src
+    )
+    if as_json:
+        print(json.dumps([h.to_json() for h in hits], ensure_ascii=False, indent=2))
+        return
+    if not hits:
+        out.print("No results.")
+        return
+    for h in hits:
+        where = " · ".join(x for x in (f"p. {h.page}" if h.page else "", h.heading or "") if x)
+        out.print(f"[bold]{h.rank}.[/] {escape(h.title or h.source)}  [dim]{escape(where)}  score {h.score:.4f}[/]")
+        out.print(f"   [dim]{escape(h.source)}[/]")
+        snippet = " ".join(h.text.split())
+        out.print("   " + escape(snippet[:300] + ("…" if len(snippet) > 300 else "")))
+
+
+# --- docs --------------------------------------------------------------------------------------
+
+
+def _doc_json(doc) -> dict:
+    return {
+        "id": doc.id,
+        "source": doc.source,
+        "title": doc.title,
+        "type": doc.doc_type,
+        "status": doc.status,
+        "error": doc.error,
+        "chunks": doc.n_chunks,
+        "sha256": doc.sha256,
+        "size": doc.size,
+        "updated_at": doc.updated_at.isoformat() if doc.updated_at else None,
+    }
+
+
+@docs_app.command("list")
+def docs_list(collection: CollOpt = None, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """List the documents of a collection."""
+    from sqlalchemy import select
+
+    from retrieval.store import Document
+
+    s = _settings(home, collection=collection)
+    kb = _kb(s)
+    with kb.store.session() as session:
+        coll = kb.store.collection(session, s.collection)
+        docs = [_doc_json(d) for d in session.scalars(select(Document).where(Document.collection_id == coll.id).order_by(Document.id))]
+    if as_json:
+        print(json.dumps(docs, ensure_ascii=False, indent=2))
+        return
+    table = Table(title=f"collection '{s.collection}': {len(docs)} documents")
+    for col in ("id", "status", "chunks", "title", "source"):
+        table.add_column(col)
+    for d in docs:
+        status = "[green]ok[/]" if d["status"] == "ok" else f"[red]failed[/]: {escape(d['error'] or '')}"
+        table.add_row(str(d["id"]), status, str(d["chunks"]), escape(d["title"] or ""), escape(d["source"]))
+    out.print(table)
+
+
+@docs_app.command("show")
+def docs_show(doc_id: int, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Show one document and its chunks."""
+    from retrieval.errors import NotFoundError
+    from retrieval.store import Document
+
+    kb = _kb(_settings(home))
+    with kb.store.session() as session:
+        doc = session.get(Document, doc_id)
+        if doc is None:
+            raise NotFoundError(f"No document with id {doc_id}. List them with: moerag docs list")
+        info = _doc_json(doc)
+        info["collection"] = doc.collection.name
+        info["chunk_list"] = [
+            {"id": c.id, "page": c.page, "heading": c.heading, "start": c.start, "end": c.end, "tokens": c.n_tokens, "text": c.text}
+            for c in doc.chunks
+        ]
+    if as_json:
+        print(json.dumps(info, ensure_ascii=False, indent=2))
+        return
+    for key in ("id", "collection", "title", "source", "type", "status", "error", "chunks", "size", "sha256", "updated_at"):
+        if info.get(key) not in (None, ""):
+            out.print(f"[bold]{key}[/]: {escape(str(info[key]))}")
+    for c in info["chunk_list"]:
+        where = " · ".join(x for x in (f"p. {c['page']}" if c["page"] else "", c["heading"] or "") if x)
+        out.print(f"\n[bold]chunk {c['id']}[/] [dim]{escape(where)} [{c['start']}:{c['end']}] {c['tokens']} tokens[/]")
+        out.print(escape(c["text"]))
+
+
+@docs_app.command("rm")
+def docs_rm(
+    doc_ids: Annotated[Optional[list[int]], typer.Argument(help="Document ids (see: moerag docs list).")] = None,
+    all_docs: Annotated[bool, typer.Option("--all", help="Remove every document of the collection.")] = False,
+    collection: CollOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Remove documents (their chunks and vectors too)."""
+    from sqlalchemy import select
+
+    from retrieval.errors import NotFoundError
+    from retrieval.store import Document
+
+    if not doc_ids and not all_docs:
+        raise click.UsageError("Name document ids, or pass --all to empty the collection.")
+    s = _settings(home, collection=collection)
+    kb = _kb(s)
+    with kb.write_lock(), kb.store.session() as session:
+        coll = kb.store.collection(session, s.collection)
+        if all_docs:
+            docs = list(session.scalars(select(Document).where(Document.collection_id == coll.id)))
+        else:
+            docs = []
+            for i in doc_ids:
+                doc = session.get(Document, i)
+                if doc is None or doc.collection_id != coll.id:
+                    raise NotFoundError(f"No document with id {i} in collection '{coll.name}'. List them with: moerag docs list")
+                docs.append(doc)
+        for doc in docs:
+            kb.store.delete_document(session, doc)
+        session.flush()
+        kb.save_index(session, coll)
+    out.print(f"Removed {len(docs)} document(s) from '{s.collection}'.")
+
+
+# --- index -------------------------------------------------------------------------------------
+
+
+@index_app.command("check")
+def index_check(collection: CollOpt = None, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Compare the FAISS and lexical indexes with the store; exit 1 if they disagree."""
+    s = _settings(home, collection=collection)
+    kb = _kb(s)
+    with kb.store.session() as session:
+        report = kb.check(session, kb.store.collection(session, s.collection))
+    if as_json:
+        print(json.dumps({**report.__dict__, "ok": report.ok}, indent=2))
+    else:
+        out.print(
+            f"collection '{report.collection}': {report.chunks} chunks in the store, {report.index_chunks} in the "
+            f"{report.kind} index (versions {report.store_version} / {report.index_version})"
+        )
+        for n in report.notes:
+            out.print(f"[yellow]note[/]: {escape(n)}")
+        for p in report.problems:
+            out.print(f"[red]problem[/]: {escape(p)}")
+        out.print("[green]consistent[/]" if report.ok else "[red]inconsistent[/]: fix with: moerag index rebuild")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@index_app.command("rebuild")
+def index_rebuild(collection: CollOpt = None, home: HomeOpt = None) -> None:
+    """Rebuild the FAISS index from the stored vectors (no re-embedding)."""
+    s = _settings(home, collection=collection)
+    kb = _kb(s)
+    with kb.write_lock(), kb.store.session() as session:
+        vi = kb.rebuild_index(session, kb.store.collection(session, s.collection))
+    out.print(f"Rebuilt the {vi.kind} index of '{s.collection}' with {len(vi)} chunks.")
+
+
+# --- eval --------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_cmd(
+    dataset: Annotated[Path, typer.Argument(help="BEIR dataset folder (corpus.jsonl, queries.jsonl, qrels/).")],
+    mode: Annotated[Optional[str], typer.Option("--mode", help="hybrid, dense, bm25, or all.")] = None,
+    split: Annotated[str, typer.Option("--split", help="qrels split to score.")] = "test",
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Measure retrieval quality (nDCG@10, Recall@10/100, MRR@10) on a BEIR dataset."""
+    from app.evaluate import evaluate
+
+    s = _settings(home)
+    modes = ["dense", "bm25", "hybrid"] if mode == "all" else [mode or s.search_mode]
+    progress = _RichProgress(err)
+    try:
+        rows = evaluate(
+            dataset, settings=s, embedder=_embedder(s), modes=modes, split=split, progress=progress,
+            on_phase=lambda msg: err.print(f"[dim]{msg}[/]"),
+        )
+    finally:
+        progress.stop()
+    if as_json:
+        print(json.dumps(rows[0] if len(rows) == 1 else rows, indent=2))
+        return
+    table = Table(title=f"{dataset} ({split}): {rows[0]['queries']} queries, {rows[0]['documents']} documents, "
+                        f"ingested in {rows[0]['ingest_seconds']:.0f} s")
+    for col in ("mode", "nDCG@10", "Recall@10", "Recall@100", "MRR@10", "ms/query"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["mode"], *(f"{r[m]:.4f}" for m in ("ndcg@10", "recall@10", "recall@100", "mrr@10")),
+                      f"{r['search_ms_per_query']:.1f}")
+    out.print(table)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        rc = app(standalone_mode=False)
+    except MoeragError as exc:
+        err.print(f"[red]Error:[/] {escape(str(exc))}")
+        sys.exit(1)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("Interrupted. Everything committed so far is kept; run the command again to finish.")
+        sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,0 +1,1 @@
+"""GPU kernels for expert routing (Triton), each beside its plain-torch reference. (Not yet built.)"""

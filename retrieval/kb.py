@@ -1,0 +1,216 @@
+"""The knowledge base on disk: one home folder with the SQL store, the FAISS index files and a lock.
+
+Writers (ingest, delete, rebuild) hold the write lock; readers never take it. A reader's
+FAISS index is brought up to the store's version before every search, so it sees what a writer
+committed a moment ago, without a restart and without waiting for the writer to save its file.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from filelock import FileLock, Timeout
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from retrieval.errors import LockedError, StoreError
+from retrieval.index import IndexParams, VectorIndex
+from retrieval.store import Chunk, Collection, Document, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CheckReport:
+    collection: str
+    chunks: int
+    index_chunks: int
+    store_version: int
+    index_version: int
+    kind: str
+    problems: list[str]
+    notes: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class KnowledgeBase:
+    def __init__(self, home: Path, *, database_url: str | None = None, index_params: IndexParams | None = None):
+        self.home = Path(home).expanduser()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.store = Store(database_url or f"sqlite:///{self.home / 'moerag.db'}")
+        self.index_params = index_params or IndexParams()
+        self._indexes: dict[int, VectorIndex] = {}
+
+    # --- writing ------------------------------------------------------------------------------
+
+    @contextmanager
+    def write_lock(self, *, timeout: float = 0) -> Iterator[None]:
+        """One writer at a time, across processes."""
+        lock = FileLock(str(self.home / "write.lock"))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise LockedError(
+                f"Another moerag process is writing to the knowledge base in {self.home} "
+                "(an ingest, delete or rebuild). Wait for it to finish and try again; searches keep working meanwhile."
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    # --- the FAISS index ----------------------------------------------------------------------
+
+    def index_path(self, coll: Collection) -> Path:
+        return self.home / "index" / f"collection-{coll.id}.npz"
+
+    def vector_index(self, session: Session, coll: Collection) -> VectorIndex:
+        """The collection's index, brought up to the store's current version."""
+        vi = self._indexes.get(coll.id)
+        path = self.index_path(coll)
+        if vi is None or vi.dim != coll.dim:
+            vi = self._open(path, coll)
+        elif vi.version != coll.version and path.exists():
+            # A writer may have saved a newer generation; start from it when it is ahead of ours.
+            try:
+                on_disk = VectorIndex.load(path, self.index_params)
+                if vi.version < on_disk.version <= coll.version:
+                    vi = on_disk
+            except StoreError:
+                pass
+        if vi.version != coll.version:
+            added, removed = vi.sync(
+                self.store.chunk_ids(session, coll), lambda ids: self.store.vectors(session, coll, ids), coll.version
+            )
+            log.info("index of '%s' caught up with the store: +%d -%d chunks", coll.name, added, removed)
+        self._indexes[coll.id] = vi
+        return vi
+
+    def _open(self, path: Path, coll: Collection) -> VectorIndex:
+        if path.exists():
+            try:
+                vi = VectorIndex.load(path, self.index_params)
+                if vi.dim == coll.dim:
+                    return vi
+                log.warning("index file %s has %d dims, the collection %d: rebuilding", path, vi.dim, coll.dim)
+            except StoreError as exc:
+                log.warning("%s — rebuilding it from the store", exc)
+        return VectorIndex(dim=coll.dim, params=self.index_params)
+
+    def save_index(self, session: Session, coll: Collection) -> VectorIndex:
+        """Bring the index up to date and write it; call with the write lock held."""
+        vi = self.vector_index(session, coll)
+        if vi.index is None:  # an empty collection that never had an index
+            vi.rebuild(np.zeros(0, np.int64), np.zeros((0, coll.dim), np.float32), coll.version)
+        vi.save(self.index_path(coll))
+        return vi
+
+    def rebuild_index(self, session: Session, coll: Collection) -> VectorIndex:
+        """Rebuild from the stored vectors (no re-embedding) and replace the file."""
+        vi = VectorIndex(dim=coll.dim, params=self.index_params)
+        vi.sync(self.store.chunk_ids(session, coll), lambda ids: self.store.vectors(session, coll, ids), coll.version)
+        if vi.index is None:
+            vi.rebuild(np.zeros(0, np.int64), np.zeros((0, coll.dim), np.float32), coll.version)
+        vi.save(self.index_path(coll))
+        self._indexes[coll.id] = vi
+        return vi
+
+    def drop_index(self, coll: Collection) -> None:
+        self._indexes.pop(coll.id, None)
+        self.index_path(coll).unlink(missing_ok=True)
+
+    # --- checking -----------------------------------------------------------------------------
+
+    def check(self, session: Session, coll: Collection, *, sample: int = 256) -> CheckReport:
+        """Compare the index file and the lexical index with the store; say what disagrees.
+
+        An index file that is merely behind the store (an ingest was killed before saving it) is
+        not a disagreement: every id it holds still has the same vector, and it is caught up on the
+        next open. Anything else is.
+        """
+        problems: list[str] = []
+        notes: list[str] = []
+        store_ids = self.store.chunk_ids(session, coll)
+        path = self.index_path(coll)
+        vi: VectorIndex | None = None
+        if not path.exists():
+            (problems if len(store_ids) else notes).append(f"no index file at {path}")
+        else:
+            try:
+                vi = VectorIndex.load(path, self.index_params)
+            except StoreError as exc:
+                problems.append(str(exc))
+        if vi is not None:
+            if vi.dim != coll.dim:
+                problems.append(f"index has {vi.dim} dims, the collection {coll.dim}")
+            missing = np.setdiff1d(store_ids, vi.ids)
+            extra = np.setdiff1d(vi.ids, store_ids)
+            if vi.version > coll.version:
+                problems.append(f"index file is from version {vi.version}, newer than the store's {coll.version}")
+            elif vi.version == coll.version and (len(missing) or len(extra)):
+                problems.append(
+                    f"index and store are at the same version but differ: {len(missing)} chunks missing "
+                    f"from the index, {len(extra)} chunks in the index that the store no longer has"
+                )
+            elif vi.version < coll.version:
+                notes.append(
+                    f"index file is behind the store (version {vi.version} < {coll.version}: "
+                    f"{len(missing)} to add, {len(extra)} to remove); it is caught up on the next open"
+                )
+            # The vectors it holds must be the stored ones.
+            common = np.intersect1d(vi.ids, store_ids)
+            if len(common) and vi.dim == coll.dim:
+                rng = np.random.default_rng(0)
+                probe = np.sort(rng.choice(common, size=min(sample, len(common)), replace=False))
+                stored = np.concatenate([v for _, v in self.store.vectors(session, coll, probe)])
+                held = vi.reconstruct(probe)
+                bad = int((np.abs(held - stored).max(axis=1) > 1e-5).sum())
+                if bad:
+                    problems.append(f"{bad} of {len(probe)} sampled vectors in the index differ from the store")
+        if self.store.is_sqlite:
+            problems += self._check_lexical(session, coll, len(store_ids))
+        problems += self._check_documents(session, coll)
+        return CheckReport(
+            collection=coll.name,
+            chunks=len(store_ids),
+            index_chunks=len(vi.ids) if vi is not None else 0,
+            store_version=coll.version,
+            index_version=vi.version if vi is not None else -1,
+            kind=vi.kind if vi is not None else "none",
+            problems=problems,
+            notes=notes,
+        )
+
+    def _check_lexical(self, session: Session, coll: Collection, n_chunks: int) -> list[str]:
+        n_fts = session.scalar(
+            text("SELECT count(*) FROM chunks_fts f JOIN chunks c ON c.id = f.rowid WHERE c.collection_id = :c"),
+            {"c": coll.id},
+        )
+        orphans = session.scalar(
+            text("SELECT count(*) FROM chunks_fts WHERE rowid NOT IN (SELECT id FROM chunks)")
+        )
+        out = []
+        if n_fts != n_chunks:
+            out.append(f"lexical index holds {n_fts} of the collection's {n_chunks} chunks")
+        if orphans:
+            out.append(f"lexical index holds {orphans} rows for chunks that no longer exist")
+        return out
+
+    def _check_documents(self, session: Session, coll: Collection) -> list[str]:
+        counted = (
+            select(Document.id, Document.n_chunks, func.count(Chunk.id).label("n"))
+            .outerjoin(Chunk, Chunk.document_id == Document.id)
+            .where(Document.collection_id == coll.id)
+            .group_by(Document.id)
+        )
+        bad = [r for r in session.execute(counted) if r.n_chunks != r.n]
+        return [f"{len(bad)} documents record a chunk count that differs from their stored chunks"] if bad else []
+
