@@ -4,7 +4,7 @@ After every kill the store and the indexes must agree (`KnowledgeBase.check` fin
 an index file that is merely behind is allowed, it is caught up on open), and a final run must
 finish with every file ingested.
 
-    .venv/bin/python bench/crash.py [--kills 20] [--files 300]
+    .venv/bin/python -m bench.crash [--kills 20] [--files 300]
 """
 
 from __future__ import annotations
