@@ -13,6 +13,7 @@ import argparse
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -50,13 +51,31 @@ def check(home: Path) -> tuple[list[str], list[str], int]:
         return report.problems, report.notes, report.chunks
 
 
-def kill_loop(home: Path, folder: Path, *, kills: int, window: tuple[float, float], seed: int = 0, log=print) -> list[dict]:
-    """Start an ingest, SIGKILL it after a random delay in `window` seconds; check; repeat."""
+def _ingest_started(home: Path) -> bool:
+    """True once the ingest has created its collection (model loaded, writing begun)."""
+    db = home / "moerag.db"
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return conn.execute("SELECT count(*) FROM collections").fetchone()[0] > 0
+    except sqlite3.Error:
+        return False
+
+
+def kill_loop(home: Path, folder: Path, *, kills: int, window: float, seed: int = 0, log=print) -> list[dict]:
+    """Start an ingest, SIGKILL it a random 0..`window` seconds after it begins writing; check; repeat.
+
+    Timing from the first write (not from the start) keeps the kills inside the ingest however
+    long the model takes to load on a busy machine.
+    """
     rng = random.Random(seed)
     rows = []
     for i in range(kills):
         proc = run_ingest(home, folder)
-        delay = rng.uniform(*window)
+        while proc.poll() is None and not _ingest_started(home):
+            time.sleep(0.05)
+        delay = rng.uniform(0, window)
         time.sleep(delay)
         finished = proc.poll() is not None
         if not finished:
@@ -65,7 +84,7 @@ def kill_loop(home: Path, folder: Path, *, kills: int, window: tuple[float, floa
         problems, notes, chunks = check(home)
         rows.append({"kill": i + 1, "after_s": round(delay, 2), "finished_first": finished, "chunks": chunks,
                      "problems": problems, "notes": notes})
-        log(f"kill {i + 1:2d} after {delay:5.2f} s: {chunks:6d} chunks committed, "
+        log(f"kill {i + 1:2d} {delay:5.2f} s into the ingest: {chunks:6d} chunks committed, "
             f"{'PROBLEMS: ' + '; '.join(problems) if problems else 'consistent'}{' (' + notes[0] + ')' if notes else ''}")
     return rows
 
@@ -74,11 +93,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--files", type=int, default=300)
+    ap.add_argument("--window", type=float, default=30.0, help="kill within this many seconds of the first write")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         home, folder = Path(tmp, "home"), Path(tmp, "corpus")
         make_corpus(folder, args.files)
-        rows = kill_loop(home, folder, kills=args.kills, window=(4.0, 20.0))
+        rows = kill_loop(home, folder, kills=args.kills, window=args.window)
         proc = run_ingest(home, folder)
         _, err = proc.communicate()
         problems, notes, chunks = check(home)

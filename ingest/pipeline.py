@@ -4,8 +4,8 @@ Work is grouped into batches of about `batch_chunks` chunks: the batch is embedd
 (sentence-transformers sorts a call's texts by length, so big calls waste little on padding),
 then every document of the batch is written — document row, chunks, vectors, lexical rows — in
 one transaction. A crash loses at most the batch in flight; nothing half-written is ever
-committed. The FAISS file is saved at the end; if the process dies first, the next open catches
-the index up from the store (see retrieval.kb).
+committed. The FAISS file is saved every `save_every_s` and at the end; if the process dies in
+between, the next open catches the index up from the store (see retrieval.kb).
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ class IngestOptions:
     chunk_tokens: int = 256
     chunk_overlap: int = 32
     max_bytes: int = 50 * 1024 * 1024
-    batch_chunks: int = 512
+    batch_chunks: int = 128  # chunks embedded per call and committed per transaction
+    save_every_s: float = 60.0  # during long ingests, save the FAISS file this often
 
 
 class Progress:
@@ -190,6 +191,7 @@ def _run(kb, embedder, items, total, *, collection, options, progress) -> Ingest
         progress.start(total)
         pending: list[_Pending] = []
         n_pending = 0
+        last_save = time.perf_counter()
         for item in items:
             with kb.store.session() as session:
                 coll = session.get(Collection, coll_id)
@@ -206,6 +208,11 @@ def _run(kb, embedder, items, total, *, collection, options, progress) -> Ingest
             if n_pending >= options.batch_chunks:
                 report.embed_seconds += _flush(kb, embedder, coll_id, pending, report, progress)
                 pending, n_pending = [], 0
+                if time.perf_counter() - last_save > options.save_every_s:
+                    # Bound how far the index file can lag the store if this process dies.
+                    with kb.store.session() as session:
+                        kb.save_index(session, session.get(Collection, coll_id))
+                    last_save = time.perf_counter()
         if pending:
             report.embed_seconds += _flush(kb, embedder, coll_id, pending, report, progress)
         with kb.store.session() as session:

@@ -48,6 +48,16 @@ class KnowledgeBase:
         self.store = Store(database_url or f"sqlite:///{self.home / 'moerag.db'}")
         self.index_params = index_params or IndexParams()
         self._indexes: dict[int, VectorIndex] = {}
+        self._seen_files: dict[Path, int] = {}  # index file -> mtime_ns when last read
+
+    def _file_changed(self, path: Path) -> bool:
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return False
+        changed = self._seen_files.get(path) != mtime
+        self._seen_files[path] = mtime
+        return changed
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -78,8 +88,8 @@ class KnowledgeBase:
         path = self.index_path(coll)
         if vi is None or vi.dim != coll.dim:
             vi = self._open(path, coll)
-        elif vi.version != coll.version and path.exists():
-            # A writer may have saved a newer generation; start from it when it is ahead of ours.
+        elif vi.version != coll.version and self._file_changed(path):
+            # A writer saved a new generation; start from it when it is ahead of ours.
             try:
                 on_disk = VectorIndex.load(path, self.index_params)
                 if vi.version < on_disk.version <= coll.version:
@@ -96,6 +106,7 @@ class KnowledgeBase:
 
     def _open(self, path: Path, coll: Collection) -> VectorIndex:
         if path.exists():
+            self._file_changed(path)  # remember which generation we start from
             try:
                 vi = VectorIndex.load(path, self.index_params)
                 if vi.dim == coll.dim:
@@ -110,8 +121,15 @@ class KnowledgeBase:
         vi = self.vector_index(session, coll)
         if vi.index is None:  # an empty collection that never had an index
             vi.rebuild(np.zeros(0, np.int64), np.zeros((0, coll.dim), np.float32), coll.version)
-        vi.save(self.index_path(coll))
+        self._save(vi, coll)
         return vi
+
+    def _save(self, vi: VectorIndex, coll: Collection) -> None:
+        path = self.index_path(coll)
+        # The write lock is held, so any temporary file beside the index is a killed writer's.
+        for stale in path.parent.glob(path.name + "*.tmp"):
+            stale.unlink(missing_ok=True)
+        vi.save(path)
 
     def rebuild_index(self, session: Session, coll: Collection) -> VectorIndex:
         """Rebuild from the stored vectors (no re-embedding) and replace the file."""
@@ -119,7 +137,7 @@ class KnowledgeBase:
         vi.sync(self.store.chunk_ids(session, coll), lambda ids: self.store.vectors(session, coll, ids), coll.version)
         if vi.index is None:
             vi.rebuild(np.zeros(0, np.int64), np.zeros((0, coll.dim), np.float32), coll.version)
-        vi.save(self.index_path(coll))
+        self._save(vi, coll)
         self._indexes[coll.id] = vi
         return vi
 
@@ -142,7 +160,11 @@ class KnowledgeBase:
         path = self.index_path(coll)
         vi: VectorIndex | None = None
         if not path.exists():
-            (problems if len(store_ids) else notes).append(f"no index file at {path}")
+            if len(store_ids):
+                notes.append(
+                    f"no index file yet at {path} (an ingest stopped before saving it); "
+                    "it is built from the stored vectors on the next open"
+                )
         else:
             try:
                 vi = VectorIndex.load(path, self.index_params)
