@@ -1,0 +1,228 @@
+"""Decode and prefill speed of the engine vs transformers on the issue's random Qwen3-MoE (~1B params).
+
+Prints one table; every ratio uses figures measured in this run: decode tokens/s as a ratio to
+transformers' `generate` and as a % of the memory-bandwidth limit (bytes of active weights + KV
+read per token / copy bandwidth), prefill tokens/s as a % of the fp32 matmul rate.
+
+    .venv/bin/python bench/engine.py [--dir bench/out/qwen3moe-1b] [--skip-transformers]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+# Run as a script, this file's folder comes first on sys.path and `import engine` would import
+# this very file; the repository root must win.
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch  # noqa: E402
+
+import engine  # noqa: E402
+
+log = logging.getLogger("bench.engine")
+
+BENCH_CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=3072,
+    moe_intermediate_size=384,
+    num_hidden_layers=12,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=64,
+    num_experts=64,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    max_position_embeddings=4096,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+
+
+def make_checkpoint(directory: Path) -> Path:
+    if (directory / "config.json").is_file():
+        return directory
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    log.info("building the random bench checkpoint in %s (once)", directory)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**BENCH_CONFIG))
+    model.save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Memory traffic of a large copy, read + write (STREAM's convention), bytes/s, best of `repeats`.
+
+    Decode only reads weights, so it is held to the full read + write rate of a copy.
+    """
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * nbytes / best
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """fp32 GEMM FLOP/s, best of `repeats`."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def active_params_per_token() -> int:
+    c = BENCH_CONFIG
+    h, heads, kv, d = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    attn = h * heads * d * 2 + h * kv * d * 2  # q, o, k, v
+    experts = c["num_experts_per_tok"] * 3 * h * c["moe_intermediate_size"]
+    router = c["num_experts"] * h
+    return c["num_hidden_layers"] * (attn + experts + router) + c["vocab_size"] * h  # + lm_head
+
+
+def kv_bytes_per_token(context: int, element: int) -> int:
+    c = BENCH_CONFIG
+    return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * c["head_dim"] * context * element
+
+
+def prefill_flops(tokens: int) -> float:
+    c = BENCH_CONFIG
+    attn_scores = 2 * 2 * c["num_hidden_layers"] * c["num_attention_heads"] * c["head_dim"] * tokens * tokens / 2
+    return 2 * active_params_per_token() * tokens + attn_scores
+
+
+@torch.inference_mode()
+def engine_decode(model: engine.Model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) with the engine's KV cache."""
+    net = model.net
+    cache = net.new_cache(1, prompt.numel() + new_tokens + 1)
+    start = time.perf_counter()
+    logits = net(prompt[None], cache, 0, last_only=True)
+    prefill = time.perf_counter() - start
+    token = logits[:, -1].argmax(-1, keepdim=True)
+    start = time.perf_counter()
+    for step in range(new_tokens):
+        token = net(token, cache, prompt.numel() + step, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    return prefill, new_tokens / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def engine_prefill(model: engine.Model, tokens: int) -> float:
+    prompt = torch.randint(0, BENCH_CONFIG["vocab_size"], (1, tokens))
+    start = time.perf_counter()
+    model.net(prompt, None, 0, last_only=True)
+    return tokens / (time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def transformers_decode(directory: Path, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    kwargs = dict(do_sample=False, min_new_tokens=0)
+    start = time.perf_counter()
+    model.generate(prompt[None], max_new_tokens=1, **kwargs)
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    model.generate(prompt[None], max_new_tokens=1 + new_tokens, **kwargs)
+    many = time.perf_counter() - start
+    return one, new_tokens / max(many - one, 1e-9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path("bench/out/qwen3moe-1b"))
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--transformers-decode-tokens", type=int, default=8)
+    parser.add_argument("--prefill-tokens", type=int, default=1024)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's choice). On a shared 2-core machine use 1: OpenMP "
+        "barriers stall for a scheduler slice (~4-8 ms per op) when another process holds a core.",
+    )
+    opts = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+
+    directory = make_checkpoint(opts.dir)
+    bandwidth, flops = copy_bandwidth(), matmul_rate()
+    prompt = torch.randint(
+        0, BENCH_CONFIG["vocab_size"], (opts.prompt_tokens,), generator=torch.Generator().manual_seed(0)
+    )
+    context = opts.prompt_tokens + opts.decode_tokens // 2  # mean context during decode
+
+    rows = []
+    quality: list[tuple[str, float, int]] = []
+    baseline = None
+    if not opts.skip_transformers:
+        log.info("transformers generate (fp32)...")
+        hf_prefill, hf_tps = transformers_decode(directory, prompt, opts.transformers_decode_tokens)
+        baseline = hf_tps
+        limit = bandwidth / (active_params_per_token() * 4 + kv_bytes_per_token(context, 4))
+        rows.append(("transformers fp32", hf_tps, 1.0, hf_tps / limit, hf_prefill, None))
+
+    quality_prompt = list(range(1, 64 * 37, 37))
+    reference_logits: torch.Tensor | None = None
+    reference_tokens: list[int] = []
+    for label, dtype, scheme, weight_bytes in (
+        ("engine fp32", torch.float32, None, 4.0),
+        ("engine bf16", torch.bfloat16, None, 2.0),
+        ("engine int8 (bf16 act)", torch.bfloat16, "int8", 1.0),
+        # 4 bits plus a bf16 scale and zero per 128 weights.
+        ("engine int4 g128 (bf16 act)", torch.bfloat16, "int4", 0.5 + 4 / 128),
+    ):
+        log.info("%s...", label)
+        model = engine.load_model(directory, dtype=dtype, quantize=scheme)
+        logits = model.logits(quality_prompt)
+        tokens = model.generate(quality_prompt, max_new_tokens=32, eos_token_ids=())
+        if reference_logits is None:
+            reference_logits, reference_tokens = logits, tokens
+        rel = float((logits - reference_logits).abs().max() / reference_logits.abs().max())
+        agree = next((i for i, (a, b) in enumerate(zip(tokens, reference_tokens, strict=False)) if a != b), len(tokens))
+        prefill_s, tps = engine_decode(model, prompt, opts.decode_tokens)
+        element = 4 if dtype == torch.float32 else 2
+        limit = bandwidth / (active_params_per_token() * weight_bytes + kv_bytes_per_token(context, element))
+        long_prefill = engine_prefill(model, opts.prefill_tokens)
+        matmul_frac = long_prefill * prefill_flops(opts.prefill_tokens) / opts.prefill_tokens / flops
+        rows.append((label, tps, tps / baseline if baseline else None, tps / limit, prefill_s, matmul_frac))
+        quality.append((label, rel, agree))
+        del model
+
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+    print(
+        f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s | fp32 matmul {flops / 1e9:.0f} GFLOP/s | "
+        f"active params/token {active_params_per_token() / 1e6:.0f} M | threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{'':28} {'decode tok/s':>12} {'vs HF':>8} {'% BW limit':>11} {f'prefill {opts.prompt_tokens} (s)':>17} "
+        f"{f'prefill {opts.prefill_tokens} % matmul':>20}"
+    )
+    for name, tps, ratio, frac, prefill_s, pf in rows:
+        ratio_s = f"{ratio:.1f}x" if ratio is not None else "-"
+        pf_s = f"{100 * pf:.0f} %" if pf is not None else "-"
+        print(f"{name:28} {tps:12.2f} {ratio_s:>8} {100 * frac:10.0f} % {prefill_s:17.2f} {pf_s:>20}")
+    print("\nquality vs engine fp32 (64-token prompt): max |logit error| / max |logit|, greedy tokens agreeing")
+    for name, rel, agree in quality:
+        print(f"{name:28} {rel:10.2e} {agree:6d} / 32")
+    print(f"peak resident memory of this process: {peak_gib:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Expert computation backends: y = sum_k w[t,k] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t,k].
+
+Shapes: T tokens, K experts per token, E experts, H hidden, I expert width.
+Weights are stacked: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I].
+A backend is a function (x [T,H], w13, w2, weights [T,K], ids [T,K], *, w13_scale=None,
+w2_scale=None) -> [T,H]; scales mark quantized weights (int8: int8 weights; int4: uint8
+weights, see qmatmul). The sum over the K slots is in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from engine.qmatmul import int4_matmul, int8_matmul
+
+ExpertsFn = Callable[..., torch.Tensor]
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x [n, K] @ w [N, K]^T. With `scale`: int8 w and per-row scale [N], or int4 w (uint8,
+    see qmatmul.int4_matmul) and scale_zero [G, N, 2]."""
+    if scale is None:
+        return x @ w.T  # [n, N]
+    if w.dtype == torch.uint8:
+        return int4_matmul(x, w, scale)  # [n, N]
+    return int8_matmul(x, w, scale)  # [n, N]
+
+
+def _expert_mlp(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: torch.Tensor | None, s2: torch.Tensor | None
+) -> torch.Tensor:
+    gate, up = _matmul(x, w13, s13).chunk(2, dim=-1)  # [n, I] each
+    return _matmul(F.silu(gate) * up, w2, s2)  # [n, H]
+
+
+def reference(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain torch, one expert at a time over every expert: the readable definition.
+
+    With int8 experts, w13_scale [E, 2I] and w2_scale [E, H] are their per-channel scales; with
+    int4 experts (uint8 weights) they are group scales and zeros [E, G, N, 2].
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
+    for e in range(w13.shape[0]):
+        tok, slot = torch.where(ids == e)  # [n], [n]
+        if tok.numel() == 0:
+            continue
+        y = _expert_mlp(x[tok], w13[e], w2[e], _row(w13_scale, e), _row(w2_scale, e))  # [n, H]
+        out.index_add_(0, tok, y.float() * weights[tok, slot, None].float())
+    return out.to(x.dtype)
+
+
+def cpu_sorted(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sort the T*K slots by expert once, then run only the experts that received tokens.
+
+    One host sync (the per-expert counts) per call, which is free on CPU; each active expert
+    sees one contiguous block of rows, so its weights are streamed from memory exactly once.
+    """
+    t, k = ids.shape
+    flat = ids.reshape(-1)  # [T*K]
+    order = torch.argsort(flat, stable=True)  # [T*K]
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()  # E ints
+    tok = order // k  # [T*K] token of each sorted slot
+    xs = x[tok]  # [T*K, H]
+    ys = torch.empty(xs.shape, dtype=torch.float32, device=x.device)  # [T*K, H]
+    begin = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        ys[begin : begin + n] = _expert_mlp(xs[begin : begin + n], w13[e], w2[e], _row(w13_scale, e), _row(w2_scale, e))
+        begin += n
+    ys *= weights.reshape(-1)[order, None].float()  # [T*K, H]
+    out = torch.zeros((t, x.shape[1]), dtype=torch.float32, device=x.device)  # [T, H]
+    out.index_add_(0, tok, ys)
+    return out.to(x.dtype)
+
+
+def _row(scale: torch.Tensor | None, e: int) -> torch.Tensor | None:
+    return None if scale is None else scale[e]
+
+
+EXPERT_BACKENDS: dict[str, ExpertsFn] = {
+    "reference": reference,
+    "cpu": cpu_sorted,
+}

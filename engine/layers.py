@@ -1,0 +1,120 @@
+"""Blocks shared by the architectures: RMSNorm, SwiGLU MLP, grouped-query attention with a KV cache.
+
+Shapes: B batch, T new tokens, S cached + new tokens, H hidden, N query heads, G key/value heads,
+D head dim, I MLP width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.rope import rotate
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight, as transformers does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def linear(in_features: int, out_features: int, *, bias: bool = False) -> nn.Linear:
+    """An inference-only nn.Linear (weights are filled by the loader)."""
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    layer.requires_grad_(False)
+    return layer
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, width: int, *, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = linear(hidden, width, bias=bias)
+        self.up_proj = linear(hidden, width, bias=bias)
+        self.down_proj = linear(width, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [..., H]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, scale: float) -> torch.Tensor:
+    """Causal attention of T new queries at positions start.. over S keys at positions 0..S-1.
+
+    q [B, N, T, D], k [B, G, S, D], v [B, G, S, Dv] -> [B, N, T, Dv].
+    """
+    t, s = q.shape[2], k.shape[2]
+    mask = None
+    causal = False
+    if t > 1 and s == t:
+        causal = True
+    elif t > 1:
+        # Query i (absolute position start + i) sees keys 0..start + i.
+        positions = torch.arange(t, device=q.device)[:, None] + start  # [T, 1]
+        mask = torch.arange(s, device=q.device)[None, :] <= positions  # [T, S]
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention; optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(
+        self,
+        hidden: int,
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        *,
+        qkv_bias: bool = False,
+        o_bias: bool = False,
+        qk_norm_eps: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.k_proj = linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = linear(heads * head_dim, hidden, bias=o_bias)
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+        shape = (batch, self.kv_heads, max_len, self.head_dim)  # [B, G, S_max, D]
+        return [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: list[torch.Tensor] | None,
+        start: int,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)  # [B, T, N, D]
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)  # [B, T, G, D]
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)  # [B, T, G, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rotate(q.transpose(1, 2), cos, sin)  # [B, N, T, D]
+        k = rotate(k.transpose(1, 2), cos, sin)  # [B, G, T, D]
+        v = v.transpose(1, 2)  # [B, G, T, D]
+        if cache is not None:
+            cache[0][:, :, start : start + t] = k
+            cache[1][:, :, start : start + t] = v
+            k, v = cache[0][:, :, : start + t], cache[1][:, :, : start + t]  # [B, G, S, D]
+        out = attend(q, k, v, start=start, scale=self.head_dim**-0.5)  # [B, N, T, D]
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))  # [B, T, H]

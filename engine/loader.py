@@ -1,0 +1,238 @@
+"""Checkpoint loading: a Hugging Face directory (or hub id) -> an architecture's module, filled in place.
+
+The module is built on the meta device, given empty storage in the target dtype, then filled
+one checkpoint tensor at a time (peak memory: the model plus one tensor). Every checkpoint
+tensor must land in exactly one place, and every place must be filled once. Per-expert
+tensors (`experts.N.gate_proj`, Mixtral's `w1/w3/w2`) and already-stacked ones
+(`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`) both fill the stacked experts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from engine.config import read_config
+from engine.errors import (
+    CheckpointError,
+    MissingTensorError,
+    TensorShapeError,
+    UnexpectedTensorError,
+    UnsupportedArchitectureError,
+)
+from engine.models import ARCHITECTURES, Architecture
+
+log = logging.getLogger(__name__)
+
+_PER_EXPERT = re.compile(
+    r"(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight"
+)
+_PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "all", "w2": "all"}
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+Slot = tuple[int, str]  # (expert index or -1, "gate" | "up" | "all")
+
+
+@dataclass
+class LoadedCheckpoint:
+    net: nn.Module
+    args: Any
+    model_type: str
+    config: dict[str, Any]
+    directory: Path
+
+
+def resolve(path_or_id: str | Path) -> Path:
+    """A local checkpoint directory; a hub id is downloaded (config, safetensors, tokenizer) first."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; point the engine at the checkpoint directory that holds it.")
+    text = str(path_or_id)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"No checkpoint directory at {text}, and it is not a hub id like 'Qwen/Qwen3-30B-A3B'.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id=text, allow_patterns=_HUB_FILES))
+    except Exception as exc:  # the hub client raises many types (offline, 404, auth, disk)
+        raise CheckpointError(
+            f"No local directory {text!r}, and downloading it from the Hugging Face Hub failed: {exc}. "
+            "Download it where the network allows (huggingface-cli download ...) and pass the directory."
+        ) from exc
+
+
+def _shards(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"Cannot read the shard index {index}: {exc}") from exc
+        shards = [directory / name for name in sorted(set(weight_map.values()))]
+        absent = [s.name for s in shards if not s.is_file()]
+        if absent:
+            raise CheckpointError(f"{index.name} lists shards missing from {directory}: {', '.join(absent)}.")
+        return shards
+    shards = sorted(directory.glob("*.safetensors"))
+    if not shards:
+        raise CheckpointError(
+            f"No *.safetensors files in {directory}. Only safetensors checkpoints are supported; "
+            "convert a .bin checkpoint with transformers' save_pretrained(..., safe_serialization=True)."
+        )
+    return shards
+
+
+def _materialize(net: nn.Module, dtype: torch.dtype, device: torch.device, keep_fp32: tuple[str, ...]) -> None:
+    """Give every meta parameter empty storage on `device`; ties (shared parameters) are kept."""
+    done: dict[int, nn.Parameter] = {}
+    for module_name, module in net.named_modules():
+        for name, param in list(module._parameters.items()):
+            if param is None:
+                continue
+            if id(param) not in done:
+                full = f"{module_name}.{name}" if module_name else name
+                target = torch.float32 if full.endswith(keep_fp32) or not param.is_floating_point() else dtype
+                done[id(param)] = nn.Parameter(
+                    torch.empty(param.shape, dtype=target, device=device), requires_grad=False
+                )
+            module._parameters[name] = done[id(param)]
+
+
+def _expected_slots(name: str, param: torch.Tensor) -> set[Slot]:
+    if name.endswith("experts.gate_up_proj"):
+        return {(e, part) for e in range(param.shape[0]) for part in ("gate", "up")}
+    if name.endswith("experts.down_proj"):
+        return {(e, "all") for e in range(param.shape[0])}
+    return {(-1, "all")}
+
+
+def _slot_name(param_name: str, slot: Slot) -> str:
+    """The checkpoint-style name of one slot, for messages."""
+    expert, part = slot
+    if expert < 0:
+        return param_name
+    prefix = param_name.rsplit(".", 1)[0]
+    proj = {"gate": "gate_proj", "up": "up_proj", "all": "down_proj"}[part]
+    return f"{prefix}.{expert}.{proj}.weight"
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+class _Filler:
+    """Places checkpoint tensors into the module's parameters and checks exactly-once use."""
+
+    def __init__(self, net: nn.Module, arch: Architecture, args: Any, tied: bool) -> None:
+        self.params = dict(net.named_parameters())
+        self.expected = {n: _expected_slots(n, p) for n, p in self.params.items()}
+        self.filled: dict[str, set[Slot]] = {n: set() for n in self.params}
+        self.renames = [(re.compile(p), r) for p, r in arch.renames]
+        ignore = list(arch.ignore(args)) + (["lm_head\\.weight"] if tied else [])
+        self.ignore = [re.compile(p) for p in ignore]
+        self.unexpected: list[str] = []
+        self.ignored = 0
+
+    def place(self, ckpt_name: str, read: Any) -> None:
+        name = ckpt_name
+        for pattern, repl in self.renames:
+            name = pattern.sub(repl, name)
+        if any(p.fullmatch(name) for p in self.ignore):
+            self.ignored += 1
+            return
+        match = _PER_EXPERT.fullmatch(name)
+        if match:
+            part = _PART[match["proj"]]
+            param_name = match["prefix"] + (".down_proj" if part == "all" else ".gate_up_proj")
+            expert = int(match["expert"])
+            if param_name not in self.params or expert >= self.params[param_name].shape[0]:
+                self.unexpected.append(ckpt_name)
+                return
+            slots = {(expert, part)}
+            dst = self.params[param_name][expert]
+            if part != "all":
+                width = dst.shape[0] // 2
+                dst = dst[:width] if part == "gate" else dst[width:]
+        elif name in self.params:
+            param_name, dst = name, self.params[name]
+            slots = self.expected[name]
+        else:
+            self.unexpected.append(ckpt_name)
+            return
+        if self.filled[param_name] & slots:
+            raise UnexpectedTensorError(
+                f"The checkpoint provides {ckpt_name} more than once (or also in stacked form)."
+            )
+        tensor = read()
+        if tuple(tensor.shape) != tuple(dst.shape):
+            raise TensorShapeError(
+                f"Checkpoint tensor {ckpt_name} has shape {tuple(tensor.shape)}, but config.json implies "
+                f"{tuple(dst.shape)}. The config.json does not belong to these weights."
+            )
+        dst.copy_(tensor)
+        self.filled[param_name] |= slots
+
+    def check(self, directory: Path) -> None:
+        if self.unexpected:
+            hint = ""
+            if any(n.endswith(("weight_scale_inv", "weight_scale")) for n in self.unexpected):
+                hint = " These look like FP8/quantized scales: convert the checkpoint to bf16 first."
+            raise UnexpectedTensorError(
+                f"{len(self.unexpected)} checkpoint tensor(s) in {directory} have no place in the model: "
+                f"{_listing(sorted(self.unexpected))}. The checkpoint does not match its config.json "
+                f"model_type, or it is a variant the engine does not support.{hint}"
+            )
+        missing = [_slot_name(n, s) for n in self.params for s in sorted(self.expected[n] - self.filled[n])]
+        if missing:
+            raise MissingTensorError(
+                f"{len(missing)} tensor(s) the model needs are missing from {directory}: {_listing(missing)}. "
+                "The download may be incomplete (check every shard in model.safetensors.index.json)."
+            )
+
+
+def load_checkpoint(
+    path_or_id: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> LoadedCheckpoint:
+    """Read config.json, build the architecture it names, and stream the safetensors into it."""
+    directory = resolve(path_or_id)
+    config = read_config(directory)
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"model_type {model_type!r} in {directory / 'config.json'} is not supported. "
+            f"Supported: {', '.join(sorted(ARCHITECTURES))}."
+        )
+    arch = ARCHITECTURES[model_type]
+    try:
+        args = arch.args_from_config(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"config.json in {directory} lacks or mangles a field {model_type} needs: {exc}") from exc
+    shards = _shards(directory)
+    device = torch.device(device)
+    with torch.device("meta"):
+        net = arch.build(args)
+    _materialize(net, dtype, device, arch.keep_fp32)
+    filler = _Filler(net, arch, args, tied=bool(config.get("tie_word_embeddings", False)))
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    filler.place(name, lambda f=f, name=name: f.get_tensor(name))
+        except SafetensorError as exc:
+            raise CheckpointError(f"Cannot read {shard}: {exc}. The file may be truncated; download it again.") from exc
+    filler.check(directory)
+    if filler.ignored:
+        log.info("ignored %d checkpoint tensors this engine does not use (e.g. MTP layers)", filler.ignored)
+    net.eval()
+    return LoadedCheckpoint(net=net, args=args, model_type=model_type, config=config, directory=directory)

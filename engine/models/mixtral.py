@@ -1,0 +1,86 @@
+"""Mixtral: Llama-style GQA attention and softmax top-k experts, weights always renormalized.
+
+Shapes: H hidden, E experts, I expert width.
+Checkpoints name the MoE `block_sparse_moe` with experts `w1` (gate), `w3` (up), `w2` (down);
+they are renamed onto the shared `mlp` module and stacked by the loader.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import RopeArgs
+from engine.decoder import Block, CausalLM
+from engine.errors import UnsupportedArchitectureError
+from engine.layers import Attention
+from engine.models import Architecture
+from engine.moe import SparseMoe
+from engine.rope import Rope
+
+
+@dataclass(frozen=True)
+class MixtralArgs:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # one expert
+    num_experts: int
+    top_k: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    rope: RopeArgs
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any]) -> MixtralArgs:
+        if c.get("sliding_window") and int(c["sliding_window"]) < int(c.get("max_position_embeddings", 0)):
+            raise UnsupportedArchitectureError(
+                f"This Mixtral checkpoint uses a sliding window of {c['sliding_window']} tokens, which the "
+                "engine does not implement yet."
+            )
+        hidden, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+        return cls(
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=hidden,
+            num_layers=int(c["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or hidden // heads),
+            intermediate_size=int(c["intermediate_size"]),
+            num_experts=int(c["num_local_experts"]),
+            top_k=int(c["num_experts_per_tok"]),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            rope=RopeArgs.from_config(c),
+        )
+
+
+def build(args: MixtralArgs) -> CausalLM:
+    blocks = [
+        Block(
+            Attention(args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim),
+            SparseMoe(args.num_experts, args.hidden_size, args.intermediate_size, args.top_k, renormalize=True),
+            args.hidden_size,
+            args.rms_norm_eps,
+        )
+        for _ in range(args.num_layers)
+    ]
+    return CausalLM(
+        args.vocab_size,
+        args.hidden_size,
+        blocks,
+        eps=args.rms_norm_eps,
+        rope=Rope(args.rope, args.head_dim),
+        tie_word_embeddings=args.tie_word_embeddings,
+        max_position_embeddings=args.rope.max_position_embeddings,
+    )
+
+
+ARCHITECTURE = Architecture(
+    args_from_config=MixtralArgs.from_config,
+    build=build,
+    renames=((r"\.block_sparse_moe\.", ".mlp."),),
+)

@@ -1,0 +1,110 @@
+"""Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): GQA with per-head q/k RMSNorm, softmax top-k experts.
+
+Shapes: H hidden, E experts, K experts per token, I expert width.
+Layer i is sparse unless it is in `mlp_only_layers` or (i + 1) % decoder_sparse_step != 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import RopeArgs, require
+from engine.decoder import Block, CausalLM
+from engine.errors import UnsupportedArchitectureError
+from engine.layers import MLP, Attention
+from engine.models import Architecture
+from engine.moe import SparseMoe
+from engine.rope import Rope
+
+
+@dataclass(frozen=True)
+class Qwen3MoeArgs:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # dense layers
+    moe_intermediate_size: int  # one expert
+    num_experts: int
+    top_k: int
+    norm_topk_prob: bool
+    decoder_sparse_step: int
+    mlp_only_layers: tuple[int, ...]
+    rms_norm_eps: float
+    attention_bias: bool
+    tie_word_embeddings: bool
+    rope: RopeArgs
+
+    @classmethod
+    def from_config(cls, c: dict[str, Any]) -> Qwen3MoeArgs:
+        if c.get("use_sliding_window"):
+            raise UnsupportedArchitectureError(
+                "This Qwen3-MoE checkpoint enables sliding-window attention (use_sliding_window), "
+                "which the engine does not implement yet."
+            )
+        hidden, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+        return cls(
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=hidden,
+            num_layers=int(c["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or hidden // heads),
+            intermediate_size=int(c["intermediate_size"]),
+            moe_intermediate_size=int(c["moe_intermediate_size"]),
+            # transformers 5 writes num_local_experts; the official checkpoints write num_experts.
+            num_experts=int(require(c, "num_experts", "num_local_experts")),
+            top_k=int(c["num_experts_per_tok"]),
+            norm_topk_prob=bool(c.get("norm_topk_prob", False)),
+            decoder_sparse_step=int(c.get("decoder_sparse_step", 1)),
+            mlp_only_layers=tuple(int(i) for i in c.get("mlp_only_layers") or ()),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            attention_bias=bool(c.get("attention_bias", False)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            rope=RopeArgs.from_config(c),
+        )
+
+    def is_sparse(self, layer: int) -> bool:
+        return (
+            layer not in self.mlp_only_layers and self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+
+def build(args: Qwen3MoeArgs) -> CausalLM:
+    blocks = []
+    for i in range(args.num_layers):
+        attn = Attention(
+            args.hidden_size,
+            args.num_heads,
+            args.num_kv_heads,
+            args.head_dim,
+            qkv_bias=args.attention_bias,
+            o_bias=args.attention_bias,
+            qk_norm_eps=args.rms_norm_eps,
+        )
+        if args.is_sparse(i):
+            mlp = SparseMoe(
+                args.num_experts,
+                args.hidden_size,
+                args.moe_intermediate_size,
+                args.top_k,
+                renormalize=args.norm_topk_prob,
+            )
+        else:
+            mlp = MLP(args.hidden_size, args.intermediate_size)
+        blocks.append(Block(attn, mlp, args.hidden_size, args.rms_norm_eps))
+    return CausalLM(
+        args.vocab_size,
+        args.hidden_size,
+        blocks,
+        eps=args.rms_norm_eps,
+        rope=Rope(args.rope, args.head_dim),
+        tie_word_embeddings=args.tie_word_embeddings,
+        max_position_embeddings=args.rope.max_position_embeddings,
+    )
+
+
+ARCHITECTURE = Architecture(args_from_config=Qwen3MoeArgs.from_config, build=build)

@@ -1,0 +1,87 @@
+"""Splitting a model's reasoning (<think>...</think>) from its answer while text streams in.
+
+A state machine over text deltas: tags may arrive split across deltas, so a possible partial
+tag is held back until decided. Templates that put the opening tag in the prompt
+(DeepSeek-R1) start in the reasoning state. Whitespace between the reasoning and the answer
+is dropped, so the answer starts with its first real character.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+OPEN, CLOSE = "<think>", "</think>"
+
+
+@dataclass(frozen=True)
+class Piece:
+    kind: str  # "reasoning" | "answer"
+    text: str
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+class ReasoningSplitter:
+    """feed(delta) -> pieces; close() -> the rest. States: start, reasoning, answer."""
+
+    def __init__(self, *, starts_in_reasoning: bool = False) -> None:
+        self.state = "reasoning" if starts_in_reasoning else "start"
+        self.pending = ""
+        self.answer_started = False
+
+    def _answer(self, text: str) -> list[Piece]:
+        if not self.answer_started:
+            text = text.lstrip()
+            if not text:
+                return []
+            self.answer_started = True
+        return [Piece("answer", text)]
+
+    def feed(self, delta: str) -> list[Piece]:
+        self.pending += delta
+        pieces: list[Piece] = []
+        while True:
+            if self.state == "start":
+                head = self.pending.lstrip()
+                if head.startswith(OPEN):
+                    self.pending, self.state = head[len(OPEN) :], "reasoning"
+                    continue
+                if OPEN.startswith(head):
+                    return pieces  # still only whitespace or part of "<think>": wait
+                self.state = "answer"
+                continue
+            if self.state == "reasoning":
+                index = self.pending.find(CLOSE)
+                if index >= 0:
+                    if index:
+                        pieces.append(Piece("reasoning", self.pending[:index]))
+                    self.pending, self.state = self.pending[index + len(CLOSE) :], "answer"
+                    continue
+                keep = _partial_suffix(self.pending, CLOSE)
+                text, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+                if text:
+                    pieces.append(Piece("reasoning", text))
+                return pieces
+            text, self.pending = self.pending, ""
+            return pieces + self._answer(text)
+
+    def close(self) -> list[Piece]:
+        text, self.pending = self.pending, ""
+        if self.state == "reasoning":
+            return [Piece("reasoning", text)] if text else []
+        return self._answer(text)
+
+
+def split_reasoning(deltas: Iterable[str], *, starts_in_reasoning: bool = False) -> Iterator[Piece]:
+    """Pieces of reasoning and answer, in order, from a stream of text deltas."""
+    splitter = ReasoningSplitter(starts_in_reasoning=starts_in_reasoning)
+    for delta in deltas:
+        yield from splitter.feed(delta)
+    yield from splitter.close()

@@ -1,0 +1,211 @@
+"""Tiny random checkpoints made with `transformers` itself, the reference every architecture must match.
+
+Each case: a config (small, often awkward), the transformers class, and an optional tweak applied to
+the reference model before saving (e.g. a non-zero DeepSeek correction bias, which random init
+leaves at zero and which would then test nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+VOCAB = 320
+# Larger than transformers' 0.02 so random logits and router scores are well separated:
+# near-ties would make greedy tokens and expert ids flip on rounding noise alone.
+INIT = 0.1
+
+
+def _no_special_tokens() -> dict[str, Any]:
+    # No EOS: transformers' generate would stop early, and the comparison wants 32 tokens.
+    return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+
+
+def _random_correction_bias(model: nn.Module) -> None:
+    for name, buf in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buf.copy_(torch.randn_like(buf) * 0.5)
+
+
+@dataclass(frozen=True)
+class Case:
+    config_class: str
+    model_class: str
+    kwargs: dict[str, Any]
+    tweak: Callable[[nn.Module], None] | None = None
+    moe: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> nn.Module:
+        config = getattr(transformers, self.config_class)(
+            vocab_size=VOCAB, hidden_size=64, initializer_range=INIT, **_no_special_tokens(), **self.kwargs
+        )
+        model = getattr(transformers, self.model_class)(config).eval()
+        if self.tweak is not None:
+            with torch.no_grad():
+                self.tweak(model)
+        return model
+
+
+_QWEN3_MOE = dict(
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    num_experts_per_tok=2,
+)
+_DEEPSEEK = dict(
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_routed_experts=16,
+    num_experts_per_tok=4,
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=16,
+)
+_YARN = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 4.0,
+    "original_max_position_embeddings": 256,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+    "beta_fast": 32,
+    "beta_slow": 1,
+}
+
+CASES: dict[str, Case] = {
+    "qwen3_moe": Case(
+        "Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(_QWEN3_MOE, num_hidden_layers=2, norm_topk_prob=True)
+    ),
+    # No renormalization, every other layer sparse, and layer 3 forced dense.
+    "qwen3_moe_awkward": Case(
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(
+            _QWEN3_MOE,
+            num_hidden_layers=4,
+            norm_topk_prob=False,
+            decoder_sparse_step=2,
+            mlp_only_layers=[3],
+            num_experts_per_tok=3,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "mixtral": Case(
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=6,
+            num_experts_per_tok=2,
+        ),
+    ),
+    # Four groups of four experts, two groups kept, a random correction bias, two dense layers.
+    "deepseek_v3": Case(
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(_DEEPSEEK, num_hidden_layers=4, n_group=4, topk_group=2, q_lora_rank=32, first_k_dense_replace=2),
+        tweak=_random_correction_bias,
+    ),
+    # No q LoRA, YaRN rope with mscale, no interleave, two shared experts, no renormalization.
+    "deepseek_v3_yarn": Case(
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            _DEEPSEEK,
+            num_hidden_layers=3,
+            n_group=8,
+            topk_group=3,
+            q_lora_rank=None,
+            first_k_dense_replace=1,
+            n_shared_experts=2,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.7,
+            rope_interleave=False,
+            rope_parameters=_YARN,
+            max_position_embeddings=1024,
+        ),
+        tweak=_random_correction_bias,
+    ),
+    "llama": Case(
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attention_bias=True,
+            mlp_bias=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+        moe=False,
+    ),
+    "qwen2": Case(
+        "Qwen2Config",
+        "Qwen2ForCausalLM",
+        dict(
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        ),
+        moe=False,
+    ),
+    "qwen3": Case(
+        "Qwen3Config",
+        "Qwen3ForCausalLM",
+        dict(intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=32),
+        moe=False,
+    ),
+}
+
+
+def save(model: nn.Module, directory: Path, **kwargs: Any) -> Path:
+    model.save_pretrained(directory, safe_serialization=True, **kwargs)
+    return directory
+
+
+class RoutingRecorder:
+    """Collects the expert ids [T, K] each router returns, in call order, via forward hooks.
+
+    Works on transformers' routers (output: logits, weights, ids) and ours (output: weights, ids).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.ids: list[torch.Tensor] = []
+        self.handles = [
+            module.register_forward_hook(self._hook)
+            for name, module in model.named_modules()
+            if name.endswith("mlp.gate") and "Router" in type(module).__name__
+        ]
+
+    def _hook(self, module: nn.Module, inputs: Any, output: tuple[torch.Tensor, ...]) -> None:
+        self.ids.append(output[-1].detach().clone())
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
