@@ -55,8 +55,10 @@ class VectorIndex:
 
     def rebuild(self, ids: np.ndarray, vecs: np.ndarray, version: int) -> None:
         """Build from scratch: flat when small, IVF (trained on these vectors) when large."""
-        order = np.argsort(ids)
-        ids, vecs = ids[order], np.ascontiguousarray(vecs[order], dtype=np.float32)  # [N], [N, D]
+        if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():  # the store yields them sorted: no copy
+            order = np.argsort(ids)
+            ids, vecs = ids[order], vecs[order]
+        vecs = np.ascontiguousarray(vecs, dtype=np.float32)  # [N, D]
         if len(ids) > self.params.exact_max:
             nlist = int(min(65536, max(64, 4 * math.sqrt(len(ids)))))
             quantizer = faiss.IndexFlatIP(self.dim)

@@ -117,26 +117,32 @@ def dense_ids(
 def bm25_ids(
     kb: KnowledgeBase, session: Session, coll: Collection, query: str, k: int, *, source: str | None = None
 ) -> list[tuple[int, float]]:
+    """BM25 top-k of one collection.
+
+    FTS5 ranks its matches first and only the best `pool` rows are joined to `chunks` to keep
+    this collection's (and source's). Filtering a global ranking preserves its order, so when at
+    least k rows survive they are exactly the collection's top k; otherwise the query is run
+    again with the filter applied to every match. Joining every match instead (tens of
+    thousands of rows for a common word at 100k chunks) made queries 2.3x slower.
+    """
     if not kb.store.is_sqlite:
         raise RetrievalError("BM25 search needs the SQLite store (FTS5). Use --mode dense with this database.")
     match = fts_query(query)
     if match is None:
         return []
     w_title, w_heading, w_body = BM25_WEIGHTS
-    sql = (
-        f"SELECT f.rowid, bm25(chunks_fts, {w_title}, {w_heading}, {w_body}) AS s "
-        "FROM chunks_fts f JOIN chunks c ON c.id = f.rowid "
+    params: dict = {"q": match, "c": coll.id, "k": k, "src": _like_prefix(source) if source else None}
+    ranked = f"SELECT rowid, bm25(chunks_fts, {w_title}, {w_heading}, {w_body}) AS s FROM chunks_fts WHERE chunks_fts MATCH :q"
+    keep = (
+        "JOIN chunks c ON c.id = f.rowid JOIN documents d ON d.id = c.document_id "
+        "WHERE c.collection_id = :c AND (:src IS NULL OR d.source LIKE :src ESCAPE '\\') ORDER BY f.s LIMIT :k"
     )
-    params: dict = {"q": match, "c": coll.id, "k": k}
-    if source:
-        sql += "JOIN documents d ON d.id = c.document_id "
-    sql += "WHERE chunks_fts MATCH :q AND c.collection_id = :c "
-    if source:
-        sql += "AND d.source LIKE :src ESCAPE '\\' "
-        params["src"] = _like_prefix(source)
-    sql += "ORDER BY s LIMIT :k"
+    pool = max(1000, 10 * k)
+    rows = session.execute(text(f"SELECT f.rowid, f.s FROM ({ranked} ORDER BY s LIMIT {pool}) f {keep}"), params).all()
+    if len(rows) < k:
+        rows = session.execute(text(f"SELECT f.rowid, f.s FROM ({ranked}) f {keep}"), params).all()
     # FTS5's bm25() is "lower is better"; negate so every retriever reports "higher is better".
-    return [(int(r[0]), -float(r[1])) for r in session.execute(text(sql), params)]
+    return [(int(r[0]), -float(r[1])) for r in rows]
 
 
 def fts_query(query: str) -> str | None:
