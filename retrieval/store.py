@@ -109,6 +109,9 @@ _FTS_DDL = (
     "title, heading, body, tokenize = 'porter unicode61 remove_diacritics 2')"
 )
 
+# Per-term document frequencies of the lexical index (read to drop near-universal query terms).
+_VOCAB_DDL = "CREATE VIRTUAL TABLE IF NOT EXISTS chunks_fts_vocab USING fts5vocab(chunks_fts, row)"
+
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
@@ -135,6 +138,7 @@ class Store:
             if self.is_sqlite:
                 with self.engine.begin() as conn:
                     conn.execute(text(_FTS_DDL))
+                    conn.execute(text(_VOCAB_DDL))
         except SQLAlchemyError as exc:
             raise StoreError(f"Cannot open the database at {url}: {exc.__class__.__name__}: {exc}") from exc
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
