@@ -1,6 +1,7 @@
 """`moerag`: the command line. A thin shell: parse flags, call the library, print.
 
-Errors users can hit (MoeragError) become one red line and exit code 1, here and only here.
+Errors users can hit (MoeragError, and the engine's EngineError) become one red line and exit
+code 1, here and only here.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ docs_app = typer.Typer(no_args_is_help=True, help="List, show and remove documen
 index_app = typer.Typer(no_args_is_help=True, help="Check or rebuild the FAISS index.")
 app.add_typer(docs_app, name="docs")
 app.add_typer(index_app, name="index")
+model_app = typer.Typer(no_args_is_help=True, help="Inspect and quantize local MoE checkpoints (engine preview).")
+app.add_typer(model_app, name="model")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -333,6 +336,113 @@ def eval_cmd(
     out.print(table)
 
 
+# --- engine: model info / quantize, generate ----------------------------------------------------
+
+
+@model_app.command("info")
+def model_info(
+    path: Annotated[str, typer.Argument(help="Checkpoint directory (config.json + *.safetensors) or hub id.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Architecture, parameter counts, experts, layers, context, dtype and quantization of a checkpoint."""
+    from engine.info import describe
+
+    info = describe(path)
+    rows = {
+        "directory": str(info.directory),
+        "architecture": f"{info.architecture} ({info.model_type})",
+        "parameters": f"{info.total_params / 1e9:.3f} B total, {info.active_params / 1e9:.3f} B active per token",
+        "layers": f"{info.layers} ({info.moe_layers} MoE)",
+        "experts": f"{info.experts} routed, {info.experts_per_token} per token" if info.experts else "none (dense)",
+        "hidden / vocab": f"{info.hidden_size} / {info.vocab_size}",
+        "context": f"{info.context_length} tokens",
+        "dtype": info.dtype,
+        "quantization": "none",
+        "on disk": f"{info.checkpoint_bytes / 2**30:.2f} GiB",
+    }
+    if info.quantization:
+        rows["quantization"] = f"{info.quantization['scheme']} (group size {info.quantization['group_size']})"
+    if as_json:
+        fields = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(info).items()}
+        if fields["quantization"]:
+            fields["quantization"] = {**fields["quantization"], "targets": list(fields["quantization"]["targets"])}
+        print(json.dumps(fields, indent=2))
+        return
+    table = Table(show_header=False, box=None)
+    for key, value in rows.items():
+        table.add_row(f"[bold]{key}[/]", escape(value))
+    out.print(table)
+
+
+@model_app.command("quantize")
+def model_quantize(
+    src: Annotated[str, typer.Argument(help="Checkpoint directory or hub id to quantize.")],
+    dst: Annotated[Path, typer.Argument(help="New directory for the quantized checkpoint.")],
+    scheme: Annotated[str, typer.Option("--scheme", help="int4 (group-wise) or int8 (per channel).")] = "int4",
+    group_size: Annotated[int, typer.Option("--group-size", help="int4 inputs per scale: 32, 64, 128 or 256.")] = 128,
+) -> None:
+    """Write a weight-only quantized safetensors checkpoint that loads directly (layer by layer, low memory)."""
+    import time
+
+    from engine.export import quantize_checkpoint
+
+    start = time.perf_counter()
+    quantize_checkpoint(src, dst, scheme=scheme, group_size=group_size)
+    size = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
+    out.print(f"Wrote {escape(str(dst))} ({scheme}, {size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f} s.")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The question or instruction.")],
+    model: Annotated[str, typer.Option("--model", help="Checkpoint directory or hub id.")],
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 or int4, applied while loading.")] = None,
+    think: Annotated[
+        Optional[bool], typer.Option("--think/--no-think", help="Qwen3's thinking switch (default: the template's).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="New tokens at most.")] = 512,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy.")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed.")] = None,
+) -> None:
+    """Stream a reply from a local model: reasoning dimmed, then the answer, then tokens/s."""
+    import time
+
+    import torch
+
+    from engine import SamplingParams, load_model
+    from engine.reasoning import OPEN, ReasoningSplitter
+
+    dtype = torch.float32 if quantize is None else torch.bfloat16  # the int kernels are fast with bf16
+    llm = load_model(model, dtype=dtype, quantize=quantize)
+    chat = getattr(llm.tokenizer, "chat_template", None) is not None
+    messages = [{"role": "user", "content": prompt}]
+    ids = llm.prompt_ids(messages, enable_thinking=think) if chat else llm.prompt_ids(prompt)
+    # Templates like DeepSeek-R1's open the reasoning in the prompt itself.
+    splitter = ReasoningSplitter(starts_in_reasoning=llm.tokenizer.decode(ids).rstrip().endswith(OPEN))
+    sampling = SamplingParams(temperature=temperature, seed=seed)
+    tokens, start, first = 0, time.perf_counter(), None
+    for token, delta in llm.stream_tokens(ids, max_new_tokens=max_tokens, sampling=sampling):
+        if token is not None:
+            tokens += 1
+            first = first or time.perf_counter()
+        for piece in splitter.feed(delta):
+            out.print(escape(piece.text), style="dim" if piece.kind == "reasoning" else None, end="")
+    for piece in splitter.close():
+        out.print(escape(piece.text), style="dim" if piece.kind == "reasoning" else None, end="")
+    end = time.perf_counter()
+    decode = f"{(tokens - 1) / (end - first):.2f} tok/s decode" if first and tokens > 1 and end > first else "-"
+    out.print()
+    first_s = (first or end) - start
+    err.print(f"[dim]{tokens} tokens in {end - start:.1f} s · {decode} · first token {first_s:.2f} s[/]")
+
+
+def _is_engine_error(exc: BaseException) -> bool:
+    # The engine (and torch) load only when an engine command runs; if engine.errors was never
+    # imported, no EngineError can have been raised.
+    errors = sys.modules.get("engine.errors")
+    return errors is not None and isinstance(exc, errors.EngineError)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -346,4 +456,9 @@ def main() -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         err.print("Interrupted. Everything committed so far is kept; run the command again to finish.")
         sys.exit(130)
+    except Exception as exc:
+        if not _is_engine_error(exc):
+            raise
+        err.print(f"[red]Error:[/] {escape(str(exc))}")
+        sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

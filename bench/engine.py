@@ -5,13 +5,16 @@ transformers' `generate` and as a % of the memory-bandwidth limit (bytes of acti
 read per token / copy bandwidth), prefill tokens/s as a % of the fp32 matmul rate.
 
     .venv/bin/python bench/engine.py [--dir bench/out/qwen3moe-1b] [--skip-transformers]
+    .venv/bin/python bench/engine.py --load-memory int4   # peak RSS while loading, vs quantized size
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -141,6 +144,36 @@ def transformers_decode(directory: Path, prompt: torch.Tensor, new_tokens: int) 
     return one, new_tokens / max(many - one, 1e-9)
 
 
+def measure_load(directory: Path, scheme: str) -> None:
+    """(Child process) load with `scheme` in bf16 and print RSS figures as one JSON line."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # torch + engine imported
+    start = time.perf_counter()
+    model = engine.load_model(directory, dtype=torch.bfloat16, quantize=None if scheme == "none" else scheme)
+    seconds = time.perf_counter() - start
+    tensors = {t.untyped_storage().data_ptr(): t.nbytes for t in [*model.net.parameters(), *model.net.buffers()]}
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"before": before, "peak": peak, "size": sum(tensors.values()), "seconds": seconds}))
+
+
+def load_memory(directory: Path, schemes: list[str]) -> None:
+    """Peak resident memory while loading, each scheme in a fresh process (ru_maxrss never falls)."""
+    checkpoint = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+    print(f"\ncheckpoint on disk: {checkpoint / 2**30:.2f} GiB (fp32); loading in bf16, one fresh process each")
+    print(
+        f"{'scheme':8} {'model size':>11} {'peak RSS':>9} {'RSS before':>11} {'peak/size':>10} "
+        f"{'(peak-before)/size':>19} {'load s':>7}"
+    )
+    for scheme in schemes:
+        cmd = [sys.executable, __file__, "--dir", str(directory), "--measure-load", scheme]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        r = json.loads(out)
+        gib = 2**30
+        print(
+            f"{scheme:8} {r['size'] / gib:9.2f} G {r['peak'] / gib:7.2f} G {r['before'] / gib:9.2f} G "
+            f"{r['peak'] / r['size']:10.2f} {(r['peak'] - r['before']) / r['size']:19.2f} {r['seconds']:7.1f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("bench/out/qwen3moe-1b"))
@@ -149,6 +182,13 @@ def main() -> None:
     parser.add_argument("--transformers-decode-tokens", type=int, default=8)
     parser.add_argument("--prefill-tokens", type=int, default=1024)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--load-memory",
+        nargs="+",
+        choices=["int4", "int8", "none"],
+        help="only measure peak RSS while loading with these schemes (vs the loaded model's size), then exit",
+    )
+    parser.add_argument("--measure-load", choices=["int4", "int8", "none"], help=argparse.SUPPRESS)
     parser.add_argument(
         "--threads",
         type=int,
@@ -162,6 +202,12 @@ def main() -> None:
         torch.set_num_threads(opts.threads)
 
     directory = make_checkpoint(opts.dir)
+    if opts.measure_load:
+        measure_load(directory, opts.measure_load)
+        return
+    if opts.load_memory:
+        load_memory(directory, opts.load_memory)
+        return
     bandwidth, flops = copy_bandwidth(), matmul_rate()
     prompt = torch.randint(
         0, BENCH_CONFIG["vocab_size"], (opts.prompt_tokens,), generator=torch.Generator().manual_seed(0)

@@ -1,7 +1,11 @@
 """Checkpoint loading: a Hugging Face directory (or hub id) -> an architecture's module, filled in place.
 
-The module is built on the meta device, given empty storage in the target dtype, then filled
-one checkpoint tensor at a time (peak memory: the model plus one tensor). Every checkpoint
+The module is built on the meta device, then filled decoder layer by decoder layer: each layer
+gets empty storage in the target dtype, its checkpoint tensors (from whichever shard holds
+them), then the caller's `transform` (e.g. quantization), before the next layer is touched.
+Peak memory is the transformed model plus one float layer. A checkpoint written by
+`write_checkpoint` records its quantization; its modules are quantized on the meta device
+first, so its stored integer tensors load as they are. Every checkpoint
 tensor must land in exactly one place, and every place must be filled once. Per-expert
 tensors (`experts.N.gate_proj`, Mixtral's `w1/w3/w2`) and already-stacked ones
 (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`) both fill the stacked experts.
@@ -14,21 +18,25 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from engine.config import read_config
 from engine.errors import (
     CheckpointError,
+    EngineError,
     MissingTensorError,
     TensorShapeError,
     UnexpectedTensorError,
     UnsupportedArchitectureError,
 )
 from engine.models import ARCHITECTURES, Architecture
+from engine.quantize import check_scheme, quantize_modules
+from engine.tensorfile import TensorFile
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +45,9 @@ _PER_EXPERT = re.compile(
 )
 _PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "all", "w2": "all"}
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+QUANTIZATION_KEY = "moerag_quantization"  # config.json section written by write_checkpoint
 
 Slot = tuple[int, str]  # (expert index or -1, "gate" | "up" | "all")
 
@@ -48,6 +59,7 @@ class LoadedCheckpoint:
     model_type: str
     config: dict[str, Any]
     directory: Path
+    quantization: dict[str, Any] | None = None  # scheme, group_size, targets when stored quantized
 
 
 def resolve(path_or_id: str | Path) -> Path:
@@ -92,20 +104,37 @@ def _shards(directory: Path) -> list[Path]:
     return shards
 
 
-def _materialize(net: nn.Module, dtype: torch.dtype, device: torch.device, keep_fp32: tuple[str, ...]) -> None:
-    """Give every meta parameter empty storage on `device`; ties (shared parameters) are kept."""
-    done: dict[int, nn.Parameter] = {}
-    for module_name, module in net.named_modules():
-        for name, param in list(module._parameters.items()):
-            if param is None:
-                continue
-            if id(param) not in done:
-                full = f"{module_name}.{name}" if module_name else name
-                target = torch.float32 if full.endswith(keep_fp32) or not param.is_floating_point() else dtype
-                done[id(param)] = nn.Parameter(
-                    torch.empty(param.shape, dtype=target, device=device), requires_grad=False
-                )
-            module._parameters[name] = done[id(param)]
+def _materialize(
+    root: nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    keep_fp32: tuple[str, ...],
+    *,
+    prefix: str = "",
+    skip: str | None = None,
+) -> None:
+    """Give the meta parameters and buffers under `root` empty storage on `device`; ties are kept.
+
+    Float parameters take `dtype` (except `keep_fp32` names); buffers (quantized weights and
+    their scales) keep their own dtype. Names starting with `skip` are left on meta.
+    """
+    done: dict[int, torch.Tensor] = {}
+    for module_name, module in root.named_modules(prefix=prefix.rstrip(".")):
+        if skip and f"{module_name}.".startswith(skip):
+            continue
+        for table in (module._parameters, module._buffers):
+            for name, tensor in list(table.items()):
+                if tensor is None or not tensor.is_meta:
+                    continue
+                if id(tensor) not in done:
+                    full = f"{module_name}.{name}" if module_name else name
+                    if table is module._buffers or not tensor.is_floating_point():
+                        target = tensor.dtype
+                    else:
+                        target = torch.float32 if full.endswith(keep_fp32) else dtype
+                    empty = torch.empty(tensor.shape, dtype=target, device=device)
+                    done[id(tensor)] = empty if table is module._buffers else nn.Parameter(empty, requires_grad=False)
+                table[name] = done[id(tensor)]
 
 
 def _expected_slots(name: str, param: torch.Tensor) -> set[Slot]:
@@ -135,19 +164,32 @@ class _Filler:
     """Places checkpoint tensors into the module's parameters and checks exactly-once use."""
 
     def __init__(self, net: nn.Module, arch: Architecture, args: Any, tied: bool) -> None:
-        self.params = dict(net.named_parameters())
+        # Shapes only (the net may still be on meta); `place` looks the live tensor up by name,
+        # so no reference to a layer's float weights outlives the layer's transform.
+        self.net = net
+        self.params = dict([*net.named_parameters(), *net.named_buffers()])  # meta tensors
         self.expected = {n: _expected_slots(n, p) for n, p in self.params.items()}
         self.filled: dict[str, set[Slot]] = {n: set() for n in self.params}
         self.renames = [(re.compile(p), r) for p, r in arch.renames]
+        # A tied head has no tensor of its own, unless quantization gave it one.
+        tied = tied and "lm_head.weight" not in self.params
         ignore = list(arch.ignore(args)) + (["lm_head\\.weight"] if tied else [])
         self.ignore = [re.compile(p) for p in ignore]
         self.unexpected: list[str] = []
         self.ignored = 0
 
-    def place(self, ckpt_name: str, read: Any) -> None:
+    def rename(self, ckpt_name: str) -> str:
         name = ckpt_name
         for pattern, repl in self.renames:
             name = pattern.sub(repl, name)
+        return name
+
+    def _live(self, name: str) -> torch.Tensor:
+        module_name, _, attr = name.rpartition(".")
+        return getattr(self.net.get_submodule(module_name), attr)
+
+    def place(self, ckpt_name: str, read: Any) -> None:
+        name = self.rename(ckpt_name)
         if any(p.fullmatch(name) for p in self.ignore):
             self.ignored += 1
             return
@@ -160,12 +202,12 @@ class _Filler:
                 self.unexpected.append(ckpt_name)
                 return
             slots = {(expert, part)}
-            dst = self.params[param_name][expert]
+            dst = self._live(param_name)[expert]
             if part != "all":
                 width = dst.shape[0] // 2
                 dst = dst[:width] if part == "gate" else dst[width:]
         elif name in self.params:
-            param_name, dst = name, self.params[name]
+            param_name, dst = name, self._live(name)
             slots = self.expected[name]
         else:
             self.unexpected.append(ckpt_name)
@@ -181,6 +223,7 @@ class _Filler:
                 f"{tuple(dst.shape)}. The config.json does not belong to these weights."
             )
         dst.copy_(tensor)
+        del tensor
         self.filled[param_name] |= slots
 
     def check(self, directory: Path) -> None:
@@ -201,10 +244,35 @@ class _Filler:
             )
 
 
+def stored_quantization(config: dict[str, Any], directory: Path) -> dict[str, Any] | None:
+    """The quantization a checkpoint was written with (by write_checkpoint), checked, or None."""
+    section = config.get(QUANTIZATION_KEY)
+    if section is None:
+        return None
+    try:
+        scheme, group_size, targets = section["scheme"], int(section["group_size"]), tuple(section["targets"])
+        check_scheme(scheme, targets=targets, group_size=group_size)
+    except (KeyError, TypeError, ValueError, EngineError) as exc:
+        raise CheckpointError(
+            f"The {QUANTIZATION_KEY} section of {directory / 'config.json'} is damaged ({exc}); "
+            "write the quantized checkpoint again with: moerag model quantize SRC DST --scheme int4"
+        ) from exc
+    return {"scheme": scheme, "group_size": group_size, "targets": targets}
+
+
 def load_checkpoint(
-    path_or_id: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path_or_id: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    transform: Callable[[nn.Module], Any] | None = None,
 ) -> LoadedCheckpoint:
-    """Read config.json, build the architecture it names, and stream the safetensors into it."""
+    """Read config.json, build the architecture it names, and stream the safetensors into it.
+
+    `transform(module)` is called on each decoder layer as soon as all its tensors are in, then
+    once on the whole model (for what lies outside the layers, such as the head); it changes
+    modules in place (see engine.quantize.quantize_modules).
+    """
     directory = resolve(path_or_id)
     config = read_config(directory)
     model_type = config.get("model_type")
@@ -218,21 +286,48 @@ def load_checkpoint(
         args = arch.args_from_config(config)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"config.json in {directory} lacks or mangles a field {model_type} needs: {exc}") from exc
+    quantization = stored_quantization(config, directory)
     shards = _shards(directory)
     device = torch.device(device)
     with torch.device("meta"):
         net = arch.build(args)
-    _materialize(net, dtype, device, arch.keep_fp32)
+    if quantization is not None:
+        # dtypes first (scales take the model dtype), then the quantized modules, all shapes only.
+        _materialize(net, dtype, torch.device("meta"), arch.keep_fp32)
+        quantize_modules(
+            net, quantization["scheme"], targets=quantization["targets"], group_size=quantization["group_size"]
+        )
     filler = _Filler(net, arch, args, tied=bool(config.get("tie_word_embeddings", False)))
-    for shard in shards:
-        try:
-            with safe_open(str(shard), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    filler.place(name, lambda f=f, name=name: f.get_tensor(name))
-        except SafetensorError as exc:
-            raise CheckpointError(f"Cannot read {shard}: {exc}. The file may be truncated; download it again.") from exc
+    files: list[TensorFile] = []
+    try:
+        groups: dict[int | None, list[tuple[TensorFile, str]]] = {}  # decoder layer -> its tensors
+        for shard in shards:
+            files.append(TensorFile(shard))
+            for name in files[-1].names:
+                match = _LAYER.match(filler.rename(name))
+                groups.setdefault(int(match[1]) if match else None, []).append((files[-1], name))
+        layers = net.model.layers
+        _materialize(net, dtype, device, arch.keep_fp32, skip="model.layers.")
+        for f, name in groups.pop(None, []):
+            filler.place(name, partial(f.get, name))
+        for i, layer in enumerate(layers):
+            _materialize(layer, dtype, device, arch.keep_fp32, prefix=f"model.layers.{i}.")
+            for f, name in groups.pop(i, []):
+                filler.place(name, partial(f.get, name))
+            if transform is not None:
+                transform(layer)
+        for rest in groups.values():  # layers beyond the model (e.g. DeepSeek's MTP layer)
+            for f, name in rest:
+                filler.place(name, partial(f.get, name))
+    finally:
+        for f in files:
+            f.close()
     filler.check(directory)
+    if transform is not None:
+        transform(net)
     if filler.ignored:
         log.info("ignored %d checkpoint tensors this engine does not use (e.g. MTP layers)", filler.ignored)
     net.eval()
-    return LoadedCheckpoint(net=net, args=args, model_type=model_type, config=config, directory=directory)
+    return LoadedCheckpoint(
+        net=net, args=args, model_type=model_type, config=config, directory=directory, quantization=quantization
+    )

@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,9 @@ from torch import nn
 from engine.errors import ContextLengthError, EngineError
 from engine.experts import EXPERT_BACKENDS
 from engine.loader import load_checkpoint
-from engine.quantize import quantize as quantize_model
+from engine.quantize import TARGETS, check_scheme, quantize_modules
 from engine.sampling import SamplingParams, choose, penalize_repeats
+from engine.stops import StopStrings
 from engine.tokenizer import Detokenizer, Message, chat_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ class Model:
         directory: Path,
         eos_token_ids: tuple[int, ...] = (),
         tokenizer: Any | None = None,
+        quantization: dict[str, Any] | None = None,
     ) -> None:
         self.net = net
         self.model_type = model_type
@@ -50,6 +53,7 @@ class Model:
         self.directory = directory
         self.eos_token_ids = eos_token_ids  # from generation_config.json, else config.json
         self.tokenizer = tokenizer  # transformers tokenizer from the checkpoint, if it ships one
+        self.quantization = quantization  # {"scheme", "group_size", "targets"}, or None for float
 
     @property
     def device(self) -> torch.device:
@@ -117,22 +121,24 @@ class Model:
         eos_token_ids: Sequence[int] | None = None,
         sampling: SamplingParams | None = None,
         enable_thinking: bool | None = None,
+        stop: Sequence[str] = (),
     ) -> Iterator[str]:
         """Text deltas of the reply to one prompt (text, token ids or chat messages), as decoded.
 
         A delta never ends inside a multi-byte character; special tokens (EOS) are not shown.
+        Generation ends at the first of the `stop` strings, which is not shown (nor anything after it).
         """
-        tokenizer = self._need_tokenizer()
-        tokens = torch.tensor([self.prompt_ids(prompt, enable_thinking=enable_thinking)], device=self.device)
-        eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
-        detok = Detokenizer(tokenizer)
-        for step in self._steps(tokens, max_new_tokens, eos, sampling or SamplingParams()):
-            delta = detok.push(int(step[0]))
+        steps = self.stream_tokens(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=eos_token_ids,
+            sampling=sampling,
+            enable_thinking=enable_thinking,
+            stop=stop,
+        )
+        for _, delta in steps:
             if delta:
                 yield delta
-        rest = detok.flush()
-        if rest:
-            yield rest
 
     def complete(
         self,
@@ -142,9 +148,23 @@ class Model:
         eos_token_ids: Sequence[int] | None = None,
         sampling: SamplingParams | None = None,
         enable_thinking: bool | None = None,
+        stop: Sequence[str] = (),
     ) -> Completion:
-        """The whole reply to one prompt: its token ids and its text."""
+        """The whole reply to one prompt: its token ids and its text (cut before a stop string)."""
         tokenizer = self._need_tokenizer()
+        if stop:
+            steps = list(
+                self.stream_tokens(
+                    prompt,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_ids=eos_token_ids,
+                    sampling=sampling,
+                    enable_thinking=enable_thinking,
+                    stop=stop,
+                )
+            )
+            ids = [t for t, _ in steps if t is not None]
+            return Completion(token_ids=ids, text="".join(d for _, d in steps))
         ids = self.generate(
             self.prompt_ids(prompt, enable_thinking=enable_thinking),
             max_new_tokens=max_new_tokens,
@@ -152,6 +172,28 @@ class Model:
             sampling=sampling,
         )
         return Completion(token_ids=ids, text=tokenizer.decode(ids, skip_special_tokens=True))
+
+    def stream_tokens(
+        self,
+        prompt: Prompt,
+        *,
+        max_new_tokens: int = 512,
+        eos_token_ids: Sequence[int] | None = None,
+        sampling: SamplingParams | None = None,
+        enable_thinking: bool | None = None,
+        stop: Sequence[str] = (),
+    ) -> Iterator[tuple[int | None, str]]:
+        """Like `stream`, one item per decode step: (token id, text delta, often ""), then (None, the rest)."""
+        tokenizer = self._need_tokenizer()
+        tokens = torch.tensor([self.prompt_ids(prompt, enable_thinking=enable_thinking)], device=self.device)
+        eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
+        detok, stops = Detokenizer(tokenizer), StopStrings(stop)
+        for step in self._steps(tokens, max_new_tokens, eos, sampling or SamplingParams()):
+            token = int(step[0])
+            yield token, stops.push(detok.push(token))
+            if stops.stopped:
+                return  # closes _steps: no decode step runs past the stop string
+        yield None, stops.push(detok.flush()) + stops.flush()
 
     def prompt_ids(self, prompt: Prompt, *, enable_thinking: bool | None = None) -> list[int]:
         """Token ids for text (encoded), chat messages (chat template) or ids (as given)."""
@@ -245,9 +287,30 @@ def load_model(
 ) -> Model:
     """Load a Hugging Face checkpoint directory (or hub id) into a ready-to-run Model.
 
-    quantize: None, "int8" or "int4" (weight-only; group_size applies to int4).
+    quantize: None, "int8" or "int4" (weight-only; group_size applies to int4). Each decoder layer
+    is quantized as soon as it is loaded, so peak memory stays near the quantized size plus one
+    float layer. A checkpoint written quantized (write_checkpoint) loads as it is stored.
     """
-    loaded = load_checkpoint(path_or_id, dtype=dtype, device=device)
+    transform = None
+    quantization = None
+    if quantize is not None:
+        check_scheme(quantize, group_size=group_size)
+        quantization = {"scheme": quantize, "group_size": group_size, "targets": TARGETS}
+        transform = partial(quantize_modules, scheme=quantize, group_size=group_size)
+        if quantize == "int8" and dtype == torch.float32:
+            log.warning(
+                "int8 weights with float32 activations run on a slow path (torch's fused int8 CPU kernel "
+                "is fast only for bfloat16); load with dtype=torch.bfloat16 for speed"
+            )
+    loaded = load_checkpoint(path_or_id, dtype=dtype, device=device, transform=transform)
+    if loaded.quantization is not None:
+        stored = loaded.quantization
+        if quantization is not None and (stored["scheme"], stored["group_size"]) != (quantize, group_size):
+            raise EngineError(
+                f"{loaded.directory} is already quantized ({stored['scheme']}, group size {stored['group_size']}); "
+                "load it without quantize=, or quantize the original checkpoint instead."
+            )
+        quantization = stored
     model = Model(
         loaded.net,
         model_type=loaded.model_type,
@@ -256,11 +319,8 @@ def load_model(
         directory=loaded.directory,
         eos_token_ids=_default_eos(loaded.directory, loaded.config),
         tokenizer=load_tokenizer(loaded.directory),
+        quantization=quantization,
     )
-    if quantize is not None:
-        # Applied after loading: peak memory is the unquantized model plus the quantized copy
-        # of one module at a time.
-        quantize_model(model, quantize, group_size=group_size)
     model.set_experts_backend(experts_backend or "cpu")
     log.info("loaded %s from %s (%s, %s)", loaded.model_type, loaded.directory, dtype, device)
     return model

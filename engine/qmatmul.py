@@ -8,12 +8,28 @@ from __future__ import annotations
 import torch
 
 
+CHUNK_ELEMENTS = 1 << 22  # rows are quantized in slices of ~16 MB of fp32 temporaries
+
+
+def _row_chunks(rows: int, k: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [..., N, K] float -> (q [..., N, K] int8, scales [..., N] fp32), per output channel."""
-    w32 = w.float()
-    scales = (w32.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)  # [..., N]
-    q = torch.round(w32 / scales[..., None]).clamp(-127, 127).to(torch.int8)
-    return q, scales
+    """w [..., N, K] float -> (q [..., N, K] int8, scales [..., N] fp32), per output channel.
+
+    Rows are independent, so they are done a slice at a time: the fp32 temporaries stay ~16 MB
+    instead of several copies of the whole weight (a stacked expert tensor, the output head).
+    """
+    rows = w.reshape(-1, w.shape[-1])  # [R, K]
+    q = torch.empty(rows.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(rows.shape[0], dtype=torch.float32, device=w.device)
+    for part in [slice(None)] if w.is_meta else _row_chunks(*rows.shape):
+        w32 = rows[part].float()  # [r, K]
+        scales[part] = (w32.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)  # [r]
+        q[part] = torch.round(w32 / scales[part, None]).clamp(-127, 127)
+    return q.view(w.shape), scales.view(w.shape[:-1])
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -38,12 +54,15 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     (the layout torch's int4 CPU kernel reads). K must be a multiple of `group`.
     """
     n, k = w.shape
-    wg = w.float().view(n, k // group, group)  # [N, G, g]
-    low, high = wg.amin(dim=-1), wg.amax(dim=-1)  # [N, G]
-    scale = ((high - low) / 15).clamp(min=1e-12)  # [N, G]
-    q = torch.round((wg - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)  # [N, G, g]
-    scale_zero = torch.stack([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()  # [G, N, 2]
-    return q.view(n, k), scale_zero
+    q = torch.empty((n, k // group, group), dtype=torch.int32, device=w.device)  # [N, G, g]
+    scale_zero = torch.empty((n, k // group, 2), dtype=torch.float32, device=w.device)  # [N, G, 2]
+    for part in [slice(None)] if w.is_meta else _row_chunks(n, k):  # rows in slices, as in int8
+        wg = w[part].float().view(-1, k // group, group)  # [r, G, g]
+        low, high = wg.amin(dim=-1), wg.amax(dim=-1)  # [r, G]
+        scale = ((high - low) / 15).clamp(min=1e-12)  # [r, G]
+        q[part] = torch.round((wg - low[..., None]) / scale[..., None]).clamp(0, 15)
+        scale_zero[part] = torch.stack([scale, low + 8 * scale], dim=-1)
+    return q.view(n, k), scale_zero.transpose(0, 1).contiguous()  # [N, K], [G, N, 2]
 
 
 def dequantize_int4(q: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from torch import nn
 from engine.errors import EngineError
 from engine.experts import EXPERT_BACKENDS
 from engine.moe import Experts
-from engine.qmatmul import int4_fused_ok, int4_matmul, int8_matmul, pack_int4, quantize_int4, quantize_int8
+from engine.qmatmul import INT4_GROUPS, int4_fused_ok, int4_matmul, int8_matmul, pack_int4, quantize_int4, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,21 @@ class Int4Experts(nn.Module):
 
 
 def _target(name: str) -> str:
-    if name == "lm_head":
+    parts = name.split(".")
+    if parts[-1] == "lm_head":
         return "head"
-    return "attention" if ".self_attn." in name else "mlp"
+    return "attention" if "self_attn" in parts else "mlp"
+
+
+def check_scheme(scheme: str, *, targets: tuple[str, ...] = TARGETS, group_size: int = 128) -> None:
+    """Refuse an unknown scheme, target or int4 group size with an EngineError that lists the choices."""
+    if scheme not in SCHEMES:
+        raise EngineError(f"Unknown quantization scheme {scheme!r}; available: {', '.join(SCHEMES)}.")
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise EngineError(f"Unknown quantization targets {sorted(unknown)}; choose from {', '.join(TARGETS)}.")
+    if scheme == "int4" and group_size not in INT4_GROUPS:
+        raise EngineError(f"int4 group_size must be one of 32, 64, 128, 256; got {group_size}.")
 
 
 def quantize(model: Any, scheme: str = "int8", *, targets: tuple[str, ...] = TARGETS, group_size: int = 128) -> Any:
@@ -118,19 +130,26 @@ def quantize(model: Any, scheme: str = "int8", *, targets: tuple[str, ...] = TAR
     Routers, norms and embeddings stay in the model dtype: they are small and sensitive.
     group_size (int4 only): inputs per scale; a layer whose width it does not divide stays float.
     """
-    if scheme not in SCHEMES:
-        raise EngineError(f"Unknown quantization scheme {scheme!r}; available: {', '.join(SCHEMES)}.")
-    unknown = set(targets) - set(TARGETS)
-    if unknown:
-        raise EngineError(f"Unknown quantization targets {sorted(unknown)}; choose from {', '.join(TARGETS)}.")
+    check_scheme(scheme, targets=targets, group_size=group_size)
     net: nn.Module = getattr(model, "net", model)
-    if scheme == "int4" and group_size not in (32, 64, 128, 256):
-        raise EngineError(f"int4 group_size must be one of 32, 64, 128, 256; got {group_size}.")
     if scheme == "int8" and any(p.dtype == torch.float32 for p in net.parameters()):
         log.warning(
             "int8 weights with float32 activations run on a slow path (torch's fused int8 CPU kernel "
             "is fast only for bfloat16); load with dtype=torch.bfloat16 for speed"
         )
+    swaps = quantize_modules(net, scheme, targets=targets, group_size=group_size)
+    log.info("quantized %d modules to %s", swaps, scheme)
+    return model
+
+
+def quantize_modules(
+    net: nn.Module, scheme: str, *, targets: tuple[str, ...] = TARGETS, group_size: int = 128
+) -> int:
+    """Swap the float modules under `net` (a whole model or one decoder layer); returns the count.
+
+    Already-quantized modules are left alone, so the loader can call this per layer and then once
+    more on the whole model (for the head). Works on the meta device too (shapes only).
+    """
     chosen: list[tuple[str, nn.Module, str, nn.Module]] = []
     for parent_name, parent in net.named_modules():
         for child_name, child in parent.named_children():
@@ -147,12 +166,11 @@ def quantize(model: Any, scheme: str = "int8", *, targets: tuple[str, ...] = TAR
         new = _quantized(child, scheme, group_size)
         del child
         if new is None:
-            log.warning("%s stays float: its input width is not a multiple of group_size %d", full, group_size)
+            log.debug("%s stays float: its input width is not a multiple of group_size %d", full, group_size)
             continue
         setattr(parent, child_name, new)
         swaps += 1
-    log.info("quantized %d modules to %s", swaps, scheme)
-    return model
+    return swaps
 
 
 def _quantized(module: nn.Module, scheme: str, group: int) -> nn.Module | None:

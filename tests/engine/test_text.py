@@ -78,3 +78,33 @@ def test_no_reasoning_block_is_all_answer() -> None:
     got = _join(list(split_reasoning(["  <thin", "gs> are fine"])))
     assert got == {"reasoning": "", "answer": "<things> are fine"}
     assert _join(list(split_reasoning(["Plain ", "answer."]))) == {"reasoning": "", "answer": "Plain answer."}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stop_strings_cut_the_stream_wherever_the_deltas_split(seed: int) -> None:
+    from engine.stops import StopStrings
+
+    rng = random.Random(seed)
+    text = "The answer is 42.\nObservation: ignored\nmore"
+    cuts = sorted(rng.sample(range(1, len(text)), 8))
+    deltas = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+    stops = StopStrings(["\nObservation:", "never", "ans wer"])
+    shown = [stops.push(d) for d in deltas] + [stops.flush()]
+    assert "".join(shown) == "The answer is 42."
+    assert stops.stopped
+    quiet = StopStrings(["zzz"])
+    assert "".join([quiet.push(d) for d in deltas] + [quiet.flush()]) == text
+
+
+def test_stream_stops_before_a_stop_string(chat_checkpoint) -> None:
+    model = engine.load_model(chat_checkpoint)
+    full = model.complete(MESSAGES, max_new_tokens=24, eos_token_ids=())
+    assert len(full.text) > 6
+    stop = full.text[3:6]  # a stop string that occurs in the greedy reply
+    cut = full.text[: full.text.index(stop)]
+    streamed = "".join(model.stream(MESSAGES, max_new_tokens=24, eos_token_ids=(), stop=[stop]))
+    assert streamed == cut
+    done = model.complete(MESSAGES, max_new_tokens=24, eos_token_ids=(), stop=[stop])
+    assert done.text == cut
+    assert len(done.token_ids) < len(full.token_ids)  # decoding ended at the stop string
+    assert done.token_ids == full.token_ids[: len(done.token_ids)]
