@@ -150,7 +150,12 @@ def search(
         out.print("No results.")
         return
     for h in hits:
-        where = " · ".join(x for x in (f"p. {h.page}" if h.page else "", h.heading or "") if x)
+        heading = h.heading or ""
+        if h.title and heading.startswith(h.title + " > "):  # the top heading usually repeats the title
+            heading = heading[len(h.title) + 3 :]
+        elif heading == h.title:
+            heading = ""
+        where = " · ".join(x for x in (f"p. {h.page}" if h.page else "", heading) if x)
         out.print(f"[bold]{h.rank}.[/] {escape(h.title or h.source)}  [dim]{escape(where)}  score {h.score:.4f}[/]")
         out.print(f"   [dim]{escape(h.source)}[/]")
         snippet = " ".join(h.text.split())

@@ -13,10 +13,7 @@ from typing import Any
 
 import torch
 
-from engine.config import read_config
-from engine.errors import CheckpointError, UnsupportedArchitectureError
-from engine.loader import _shards, resolve, stored_quantization
-from engine.models import ARCHITECTURES
+from engine.loader import _shards, read_architecture, stored_quantization
 from engine.moe import Experts
 
 
@@ -40,19 +37,7 @@ class CheckpointInfo:
 
 
 def describe(path_or_id: str | Path) -> CheckpointInfo:
-    directory = resolve(path_or_id)
-    config = read_config(directory)
-    model_type = config.get("model_type")
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"model_type {model_type!r} in {directory / 'config.json'} is not supported. "
-            f"Supported: {', '.join(sorted(ARCHITECTURES))}."
-        )
-    arch = ARCHITECTURES[model_type]
-    try:
-        args = arch.args_from_config(config)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"config.json in {directory} lacks or mangles a field {model_type} needs: {exc}") from exc
+    directory, config, model_type, arch, args = read_architecture(path_or_id)
     with torch.device("meta"):
         net = arch.build(args)
     total = sum(p.numel() for p in net.parameters())

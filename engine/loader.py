@@ -260,19 +260,8 @@ def stored_quantization(config: dict[str, Any], directory: Path) -> dict[str, An
     return {"scheme": scheme, "group_size": group_size, "targets": targets}
 
 
-def load_checkpoint(
-    path_or_id: str | Path,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    transform: Callable[[nn.Module], Any] | None = None,
-) -> LoadedCheckpoint:
-    """Read config.json, build the architecture it names, and stream the safetensors into it.
-
-    `transform(module)` is called on each decoder layer as soon as all its tensors are in, then
-    once on the whole model (for what lies outside the layers, such as the head); it changes
-    modules in place (see engine.quantize.quantize_modules).
-    """
+def read_architecture(path_or_id: str | Path):
+    """(directory, config, model_type, architecture, args) of a checkpoint, or a clear error."""
     directory = resolve(path_or_id)
     config = read_config(directory)
     model_type = config.get("model_type")
@@ -286,6 +275,23 @@ def load_checkpoint(
         args = arch.args_from_config(config)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"config.json in {directory} lacks or mangles a field {model_type} needs: {exc}") from exc
+    return directory, config, model_type, arch, args
+
+
+def load_checkpoint(
+    path_or_id: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    transform: Callable[[nn.Module], Any] | None = None,
+) -> LoadedCheckpoint:
+    """Read config.json, build the architecture it names, and stream the safetensors into it.
+
+    `transform(module)` is called on each decoder layer as soon as all its tensors are in, then
+    once on the whole model (for what lies outside the layers, such as the head); it changes
+    modules in place (see engine.quantize.quantize_modules).
+    """
+    directory, config, model_type, arch, args = read_architecture(path_or_id)
     quantization = stored_quantization(config, directory)
     shards = _shards(directory)
     device = torch.device(device)
