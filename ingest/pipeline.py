@@ -65,7 +65,7 @@ class IngestOptions:
     chunk_tokens: int = 256
     chunk_overlap: int = 32
     max_bytes: int = 50 * 1024 * 1024
-    batch_chunks: int = 128  # chunks embedded per call and committed per transaction
+    batch_chunks: int = 512  # chunks embedded per call (length-sorted within it) and committed together
     save_every_s: float = 60.0  # during long ingests, save the FAISS file this often
 
 
