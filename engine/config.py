@@ -60,3 +60,21 @@ class RopeArgs:
             params=params,
             max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
         )
+
+
+def gqa_fields(c: dict[str, Any], *, eps: float) -> dict[str, Any]:
+    """The fields every grouped-query-attention decoder (llama, qwen2/3, qwen3_moe, mixtral) reads
+    the same way; `eps` is the family's rms_norm_eps default when config.json omits it."""
+    hidden, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
+    return dict(
+        vocab_size=int(c["vocab_size"]),
+        hidden_size=hidden,
+        num_layers=int(c["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(c.get("num_key_value_heads") or heads),
+        head_dim=int(c.get("head_dim") or hidden // heads),
+        intermediate_size=int(c["intermediate_size"]),
+        rms_norm_eps=float(c.get("rms_norm_eps", eps)),
+        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        rope=RopeArgs.from_config(c),
+    )

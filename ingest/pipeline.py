@@ -92,7 +92,6 @@ class _Item:
 @dataclass
 class _Pending:
     item: _Item
-    existing: Document | None
     doc: LoadedDoc
     chunks: list[Chunk]
 
@@ -244,7 +243,7 @@ def _prepare(item: _Item, existing: Document | None, embedder: Embedder, budget:
         return FileResult(item.source, "failed", error=f"unexpected {exc.__class__.__name__}: {exc}")
     if not chunks:
         return FileResult(item.source, "failed", error="no text found")
-    return _Pending(item, existing, doc, chunks)
+    return _Pending(item, doc, chunks)
 
 
 def _flush(kb, embedder, coll_id, pending: list[_Pending], report: IngestReport, progress: Progress) -> float:

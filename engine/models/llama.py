@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import RopeArgs
+from engine.config import RopeArgs, gqa_fields
 from engine.decoder import Block, CausalLM
 from engine.errors import UnsupportedArchitectureError
 from engine.layers import MLP, Attention
@@ -42,22 +42,12 @@ def _common(c: dict[str, Any], *, qkv_bias: bool, o_bias: bool, mlp_bias: bool, 
             f"This {c.get('model_type')} checkpoint uses sliding-window attention, which the engine "
             "does not implement yet."
         )
-    hidden, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
     return DenseArgs(
-        vocab_size=int(c["vocab_size"]),
-        hidden_size=hidden,
-        num_layers=int(c["num_hidden_layers"]),
-        num_heads=heads,
-        num_kv_heads=int(c.get("num_key_value_heads") or heads),
-        head_dim=int(c.get("head_dim") or hidden // heads),
-        intermediate_size=int(c["intermediate_size"]),
-        rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+        **gqa_fields(c, eps=1e-6),
         qkv_bias=qkv_bias,
         o_bias=o_bias,
         mlp_bias=mlp_bias,
         qk_norm=qk_norm,
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        rope=RopeArgs.from_config(c),
     )
 
 

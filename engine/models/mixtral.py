@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import RopeArgs
+from engine.config import RopeArgs, gqa_fields
 from engine.decoder import Block, CausalLM
 from engine.errors import UnsupportedArchitectureError
 from engine.layers import Attention
@@ -41,20 +41,10 @@ class MixtralArgs:
                 f"This Mixtral checkpoint uses a sliding window of {c['sliding_window']} tokens, which the "
                 "engine does not implement yet."
             )
-        hidden, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
         return cls(
-            vocab_size=int(c["vocab_size"]),
-            hidden_size=hidden,
-            num_layers=int(c["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or hidden // heads),
-            intermediate_size=int(c["intermediate_size"]),
+            **gqa_fields(c, eps=1e-5),
             num_experts=int(c["num_local_experts"]),
             top_k=int(c["num_experts_per_tok"]),
-            rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            rope=RopeArgs.from_config(c),
         )
 
 

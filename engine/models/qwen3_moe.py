@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import RopeArgs, require
+from engine.config import RopeArgs, gqa_fields, require
 from engine.decoder import Block, CausalLM
 from engine.errors import UnsupportedArchitectureError
 from engine.layers import MLP, Attention
@@ -45,15 +45,8 @@ class Qwen3MoeArgs:
                 "This Qwen3-MoE checkpoint enables sliding-window attention (use_sliding_window), "
                 "which the engine does not implement yet."
             )
-        hidden, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
         return cls(
-            vocab_size=int(c["vocab_size"]),
-            hidden_size=hidden,
-            num_layers=int(c["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or hidden // heads),
-            intermediate_size=int(c["intermediate_size"]),
+            **gqa_fields(c, eps=1e-6),
             moe_intermediate_size=int(c["moe_intermediate_size"]),
             # transformers 5 writes num_local_experts; the official checkpoints write num_experts.
             num_experts=int(require(c, "num_experts", "num_local_experts")),
@@ -61,10 +54,7 @@ class Qwen3MoeArgs:
             norm_topk_prob=bool(c.get("norm_topk_prob", False)),
             decoder_sparse_step=int(c.get("decoder_sparse_step", 1)),
             mlp_only_layers=tuple(int(i) for i in c.get("mlp_only_layers") or ()),
-            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
             attention_bias=bool(c.get("attention_bias", False)),
-            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-            rope=RopeArgs.from_config(c),
         )
 
     def is_sparse(self, layer: int) -> bool:

@@ -1,7 +1,5 @@
 """SIGKILL during `moerag ingest` never leaves the store and the indexes disagreeing."""
 
-import json
-
 import pytest
 
 from bench.crash import check, kill_loop, make_corpus, run_ingest
