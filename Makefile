@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean
+.PHONY: setup browser run test bench clean
 
 setup: $(STAMP)
 
@@ -16,11 +16,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-run: setup
-	$(BIN)/moerag ingest docs/
-	$(BIN)/moerag search "How does moerag keep the FAISS index consistent with the database?" -k 5
+# Debian's chromium for the real-browser UI test (Playwright drives it; no browser download).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
+browser:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; } || \
+		echo "chromium could not be installed: the browser test will be skipped"
 
-test: setup
+# The sample documents go into the default knowledge base once; then the chat UI starts.
+run: setup
+	@$(BIN)/moerag docs list --json 2>/dev/null | grep -q '"id"' || $(BIN)/moerag ingest docs/
+	$(BIN)/moerag ui --port 8501
+
+test: setup browser
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:

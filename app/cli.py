@@ -29,6 +29,10 @@ app.add_typer(docs_app, name="docs")
 app.add_typer(index_app, name="index")
 model_app = typer.Typer(no_args_is_help=True, help="Inspect and quantize local MoE checkpoints (engine preview).")
 app.add_typer(model_app, name="model")
+conv_app = typer.Typer(no_args_is_help=True, help="List, show, rename and delete stored conversations.")
+app.add_typer(conv_app, name="conversations")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys for the HTTP API (moerag serve).")
+app.add_typer(keys_app, name="keys")
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -339,6 +343,263 @@ def eval_cmd(
         table.add_row(r["mode"], *(f"{r[m]:.4f}" for m in ("ndcg@10", "recall@10", "recall@100", "mrr@10")),
                       f"{r['search_ms_per_query']:.1f}")
     out.print(table)
+
+
+# --- ask, chat, conversations, ui ---------------------------------------------------------------
+
+CollsOpt = Annotated[
+    Optional[list[str]], typer.Option("--collection", "-c", help="Collection to search (repeat for several; default: 'default').")
+]
+
+
+def _service(s: Settings):
+    from app.service import AnswerService
+
+    return AnswerService(s)
+
+
+def _print_stream(events, *, show_sources: bool = True):
+    """Reasoning dimmed, the answer as it streams, then warnings, sources and timings; returns the Answer."""
+    answer = None
+    in_reasoning = False
+    for ev in events:
+        if ev.kind == "reasoning":
+            if not in_reasoning:
+                out.print("[dim]thinking…[/]")
+                in_reasoning = True
+            out.print(escape(ev.data), style="dim", end="")
+        elif ev.kind == "answer":
+            if in_reasoning:
+                out.print("\n")
+                in_reasoning = False
+            out.print(escape(ev.data), end="")
+        elif ev.kind == "done":
+            answer = ev.data
+    out.print()
+    if answer is None:
+        return None
+    for w in answer.warnings:
+        err.print(f"[yellow]note[/]: {escape(w)}")
+    if show_sources and answer.sources:
+        out.print()
+        for src in answer.sources:
+            mark = "[bold]" if src.n in answer.citations else "[dim]"
+            out.print(f"{mark}[{src.n}][/] {escape(src.title or src.source)} [dim]· {escape(src.where)}[/]")
+    t = answer.timings
+    speed = f" · {t['tokens_per_s']:.1f} tok/s" if t.get("tokens_per_s") else ""
+    err.print(f"[dim]{answer.generator} · retrieval {t['retrieval_ms']:.0f} ms · first token {t['first_token_ms']:.0f} ms"
+              f" · total {t['total_ms'] / 1000:.1f} s{speed}[/]")
+    return answer
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    collection: CollsOpt = None,
+    k: Annotated[Optional[int], typer.Option("-k", help="Sources to retrieve (default 8).")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="hybrid (default), dense or bm25.")] = None,
+    conversation: Annotated[
+        Optional[int], typer.Option("--conversation", help="Continue this stored conversation (see: moerag conversations list).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the final answer as JSON (nothing streamed).")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Answer a question from the knowledge base, citing sources as [n] (streams)."""
+    s = _settings(home, search_mode=mode)
+    service = _service(s)
+    events = service.stream(question, collections=collection or None, k=k, conversation_id=conversation)
+    if as_json:
+        answer = next(ev.data for ev in events if ev.kind == "done")
+        print(json.dumps(answer.to_json(), ensure_ascii=False, indent=2))
+        return
+    _print_stream(events)
+
+
+@app.command()
+def chat(
+    collection: CollsOpt = None,
+    resume: Annotated[Optional[int], typer.Option("--resume", help="Continue a stored conversation.")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """An interactive chat in the terminal (stored; /new starts over, /exit or Ctrl-D quits)."""
+    s = _settings(home)
+    service = _service(s)
+    convs = service.conversations
+    if resume is not None:
+        conv = convs.get(resume)
+        out.print(f"[bold]{escape(conv.title or 'conversation')}[/] [dim]#{conv.id}, {len(conv.messages)} messages[/]")
+        for m in conv.messages[-4:]:
+            out.print(f"[dim]{m.role}: {escape(m.content[:300])}[/]")
+    else:
+        conv = convs.create(collections=collection or [])
+    status = service.generator.status()
+    err.print(f"[dim]generator: {escape(status.model)} · collections: {', '.join(collection or [s.collection])} · "
+              "/new for a new conversation, /exit to quit[/]")
+    while True:
+        try:
+            line = input("\nyou> ").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/new":
+            conv = convs.create(collections=collection or [])
+            out.print("[dim]new conversation[/]")
+            continue
+        try:
+            _print_stream(service.stream(line, conversation_id=conv.id, collections=collection or None))
+        except MoeragError as exc:
+            err.print(f"[red]Error:[/] {escape(str(exc))}")
+    out.print(f"[dim]Saved as conversation {conv.id}; continue it with: moerag chat --resume {conv.id}[/]")
+
+
+@conv_app.command("list")
+def conversations_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Stored conversations, most recent first."""
+    convs = _service(_settings(home)).conversations.list()
+    if as_json:
+        rows = [{"id": c.id, "title": c.title, "collections": c.collections, "updated_at": c.updated_at.isoformat()} for c in convs]
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return
+    table = Table(title=f"{len(convs)} conversations")
+    for col in ("id", "title", "updated"):
+        table.add_column(col)
+    for c in convs:
+        table.add_row(str(c.id), escape(c.title or "(untitled)"), c.updated_at.strftime("%Y-%m-%d %H:%M"))
+    out.print(table)
+
+
+@conv_app.command("show")
+def conversations_show(conversation_id: int, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """One conversation with its messages and the sources each answer cited."""
+    conv = _service(_settings(home)).conversations.get(conversation_id)
+    if as_json:
+        data = {"id": conv.id, "title": conv.title, "collections": conv.collections,
+                "messages": [vars(m) for m in conv.messages]}
+        print(json.dumps(data, ensure_ascii=False, indent=2))
+        return
+    out.print(f"[bold]{escape(conv.title or '(untitled)')}[/] [dim]#{conv.id}[/]")
+    for m in conv.messages:
+        out.print(f"\n[bold]{m.role}[/]: {escape(m.content)}")
+        for src in m.sources:
+            if src["n"] in m.citations:
+                out.print(f"  [dim][{src['n']}] {escape(src['title'] or src['source'])} · {escape(src['source'])}[/]")
+
+
+@conv_app.command("rename")
+def conversations_rename(conversation_id: int, title: str, home: HomeOpt = None) -> None:
+    """Give a conversation a new title."""
+    _service(_settings(home)).conversations.rename(conversation_id, title)
+    out.print(f"Renamed conversation {conversation_id}.")
+
+
+@conv_app.command("rm")
+def conversations_rm(conversation_ids: list[int], home: HomeOpt = None) -> None:
+    """Delete conversations and their messages."""
+    convs = _service(_settings(home)).conversations
+    for cid in conversation_ids:
+        convs.delete(cid)
+    out.print(f"Deleted {len(conversation_ids)} conversation(s).")
+
+
+@app.command()
+def ui(
+    port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 8501,
+    host: Annotated[str, typer.Option("--host", help="Address to bind (0.0.0.0 to serve the network).")] = "127.0.0.1",
+    home: HomeOpt = None,
+) -> None:
+    """Start the chat UI in the browser (Streamlit) at http://HOST:PORT."""
+    import os
+    import subprocess
+
+    s = _settings(home)
+    env = {**os.environ, "MOERAG_HOME": str(s.home)}
+    script = Path(__file__).with_name("ui.py")
+    cmd = [
+        sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port), "--server.address", host,
+        "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+        "--server.maxUploadSize", str(max(1, int(s.max_file_mb))),
+    ]
+    err.print(f"moerag UI on [bold]http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}[/] "
+              f"(data in {escape(str(s.home))}); Ctrl-C stops it.")
+    try:
+        raise typer.Exit(subprocess.call(cmd, env=env))
+    except KeyboardInterrupt:
+        raise typer.Exit(0)
+
+
+# --- the HTTP API: serve, keys ------------------------------------------------------------------
+
+
+def _keys(s: Settings):
+    from app.keys import Keys
+
+    return Keys(_kb(s).store)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to bind (0.0.0.0 to serve the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to serve on.")] = 8000,
+    home: HomeOpt = None,
+) -> None:
+    """Serve the HTTP API: OpenAI-compatible chat, embeddings, knowledge base, metrics, widget."""
+    import uvicorn
+
+    from app.api import create_app
+
+    s = _settings(home)
+    api = create_app(s)
+    if not _keys(s).list():
+        err.print("[yellow]note[/]: no API keys yet; every call but /healthz needs one: moerag keys create --name NAME")
+    err.print(f"moerag API on [bold]http://{host}:{port}[/] (OpenAPI docs at /docs, widget demo at /widget/demo)")
+    uvicorn.run(api, host=host, port=port, log_level="warning")
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Option("--name", help="What the key is for, e.g. the tool that uses it.")],
+    collections: Annotated[
+        Optional[str], typer.Option("--collections", help="Comma-separated collections the key may use (default: all).")
+    ] = None,
+    read_only: Annotated[bool, typer.Option("--read-only", help="The key cannot upload or delete documents.")] = False,
+    home: HomeOpt = None,
+) -> None:
+    """Create an API key; its plaintext is printed once, alone on the last line."""
+    scope = [c.strip() for c in (collections or "").split(",") if c.strip()]
+    key, plaintext = _keys(_settings(home)).create(name, collections=scope, read_only=read_only)
+    err.print(f"Created key {key.id} '{escape(key.name)}' ({'read-only' if key.read_only else 'read-write'}, "
+              f"collections: {', '.join(key.collections) or 'all'}). It is shown only now; store it safely:")
+    print(plaintext)
+
+
+@keys_app.command("list")
+def keys_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """API keys (never their plaintext)."""
+    rows = [
+        {"id": k.id, "name": k.name, "hint": k.hint + "…", "collections": list(k.collections), "read_only": k.read_only,
+         "revoked": k.revoked, "created_at": k.created_at.isoformat()}
+        for k in _keys(_settings(home)).list()
+    ]
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} API keys")
+    for col in ("id", "name", "key", "collections", "access", "state"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["id"]), escape(r["name"]), r["hint"], escape(", ".join(r["collections"]) or "all"),
+                      "read-only" if r["read_only"] else "read-write", "[red]revoked[/]" if r["revoked"] else "active")
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: Annotated[str, typer.Argument(help="Key id or name (see: moerag keys list).")], home: HomeOpt = None) -> None:
+    """Revoke an API key: it stops working at once."""
+    revoked = _keys(_settings(home)).revoke(key)
+    out.print(f"Revoked key {revoked.id} '{escape(revoked.name)}'.")
 
 
 # --- engine: model info / quantize, generate ----------------------------------------------------

@@ -31,6 +31,31 @@ class Settings:
     nprobe: int = 32  # IVF lists searched per query
     search_k: int = 10
     search_mode: str = "hybrid"  # hybrid | dense | bm25
+    # Answering (`moerag ask`, the UI, the API)
+    generator: str = ""  # extractive | engine | openai; empty: engine if `model` is set, openai if a URL is, else extractive
+    model: str = ""  # the engine's checkpoint: a local directory or a Hugging Face hub id
+    quantize: str = ""  # "", int8 or int4: applied to the engine's model while it loads
+    device: str = "cpu"  # the engine's torch device: cpu, cuda, cuda:1 ...
+    openai_base_url: str = ""  # an OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama), e.g. http://gpu1:8000/v1
+    openai_model: str = ""  # the model name that server serves
+    openai_api_key: str = ""  # sent as a bearer token; most self-hosted servers accept anything
+    context_window: int = 0  # tokens; 0: the model's own (8192 for an OpenAI-compatible server)
+    answer_tokens: int = 2048  # new tokens at most per answer, reasoning included
+    temperature: float = 0.6  # 0 = greedy; 0.6 is what DeepSeek-R1 and Qwen3 recommend for thinking
+    answer_k: int = 8  # sources retrieved per question (fewer when they do not fit the context)
+    # Live web search (`--web`, the UI's toggle)
+    web_provider: str = "duckduckgo"  # duckduckgo | searxng | none
+    searxng_url: str = ""  # a self-hosted SearXNG, e.g. http://searx.intranet:8080 (its JSON API must be on)
+    web_region: str = "wt-wt"  # DuckDuckGo region code (wt-wt: no region); SearXNG language
+    web_safesearch: str = "moderate"  # on | moderate | off
+    web_max_results: int = 5  # search results fetched per question
+    web_timeout: float = 8.0  # seconds for the whole web step: search, fetches and extraction
+    web_max_page_mb: float = 2.0  # larger pages are cut off and their partial text used
+    web_allowlist: str = ""  # comma-separated hosts and CIDRs allowed despite the private-address guard
+    web_cache_ttl: float = 86400.0  # seconds a fetched page is reused from the cache
+    # The HTTP API (`moerag serve`)
+    api_cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser (the widget's pages)
+    api_max_files: int = 20  # files per upload request
 
     @property
     def db_url(self) -> str:
@@ -78,6 +103,12 @@ def load_settings(*, home: Path | None = None, env: dict[str, str] | None = None
     settings = Settings(**values)
     if settings.search_mode not in ("hybrid", "dense", "bm25"):
         raise SettingsError(f"MOERAG_SEARCH_MODE must be hybrid, dense or bm25 (got {settings.search_mode!r})")
+    if settings.generator not in ("", "extractive", "engine", "openai"):
+        raise SettingsError(f"MOERAG_GENERATOR must be extractive, engine or openai (got {settings.generator!r})")
+    if settings.web_provider not in ("duckduckgo", "searxng", "none"):
+        raise SettingsError(f"MOERAG_WEB_PROVIDER must be duckduckgo, searxng or none (got {settings.web_provider!r})")
+    if settings.quantize not in ("", "int8", "int4"):
+        raise SettingsError(f"MOERAG_QUANTIZE must be empty, int8 or int4 (got {settings.quantize!r})")
     if settings.chunk_overlap >= settings.chunk_tokens:
         raise SettingsError("MOERAG_CHUNK_OVERLAP must be smaller than MOERAG_CHUNK_TOKENS")
     return settings

@@ -71,3 +71,35 @@ def cli(capsys, home, monkeypatch):
         return CliResult(code, captured.out, captured.err)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
+    """name -> (transformers reference model, checkpoint directory): tiny random checkpoints on
+    disk, built once per session with transformers; cached per session."""
+    import torch
+
+    from tests.engine.checkpoints import CASES, save
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            torch.manual_seed(sum(map(ord, name)))  # a fixed seed per case, independent of test order
+            model = CASES[name].build()
+            cache[name] = (model, save(model, tmp_path_factory.mktemp(name)))
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tiny_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Qwen3-MoE checkpoint plus a byte-level BPE tokenizer trained here (never downloaded)."""
+    import shutil
+
+    from tests.engine.checkpoints import add_tokenizer
+
+    _, path = tiny_checkpoint("qwen3_moe")
+    directory = Path(shutil.copytree(path, tmp_path_factory.mktemp("chat") / "ckpt"))
+    return add_tokenizer(directory)

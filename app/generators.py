@@ -1,0 +1,386 @@
+"""Generators: numbered sources + question -> streamed reasoning and answer deltas.
+
+A registry from name to class; each class has one job, `stream(request)`, plus what the
+service needs to fit a prompt (`context_window`, `count_tokens`) and to make a follow-up
+question standalone (`condense`). `extractive` needs no model and is the default; `engine`
+runs the local MoE engine; `openai` talks to any OpenAI-compatible server.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+
+from app.settings import Settings
+from retrieval.errors import MoeragError
+
+log = logging.getLogger(__name__)
+
+
+class GeneratorError(MoeragError):
+    """The generator cannot run: no model, a server that does not answer, a bad reply."""
+
+
+@dataclass(frozen=True)
+class Delta:
+    kind: str  # "reasoning" | "answer"
+    text: str
+
+
+@dataclass
+class Request:
+    """What a generator is asked: chat messages for a model, and the pieces they were built from."""
+
+    messages: list[dict[str, str]]  # system, history turns, then the user turn with the sources
+    question: str  # standalone form, used by the extractive generator
+    sources: list[Any]  # service.Source, numbered from 1
+    max_tokens: int = 2048
+    temperature: float = 0.6
+
+
+@dataclass
+class Status:
+    name: str
+    model: str  # what runs, in words
+    ready: bool  # False when loading would be needed or the server is unknown
+    note: str = ""  # e.g. how to configure a real model
+
+
+# --- the extractive fallback ----------------------------------------------------------------------
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])|\n\s*\n")
+_TOKEN = re.compile(r"\w+", re.UNICODE)
+_STOP = frozenset(
+    "a an and are as at be but by for from has have if in into is it its of on or such that the their then there "
+    "these they this to was were will with what which who whom how why when where does do did not no can could "
+    "should would may might i you he she we me my your his her our us them been being had also than so".split()
+)
+MIN_WORDS = 4  # shorter "sentences" are headings and labels, not answers
+NO_MODEL_NOTE = (
+    "No generator model is configured, so this answer quotes the most relevant sentences of the sources. "
+    "For written answers set MOERAG_MODEL to a checkpoint directory or hub id (the local engine), or "
+    "MOERAG_OPENAI_BASE_URL and MOERAG_OPENAI_MODEL for an OpenAI-compatible server."
+)
+
+
+_BLOCK_START = re.compile(r"^\s*(?:[-*+•]\s+|\d+[.)]\s+|#{1,6}\s+|\|)")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of a passage, whitespace-normalised. Markdown list items, headings and table
+    rows end a sentence too, and their markers are dropped."""
+    blocks: list[str] = []
+    for line in text.splitlines():
+        if not line.strip():
+            blocks.append("")
+        elif _BLOCK_START.match(line) or not blocks:
+            blocks.append(_BLOCK_START.sub("", line, count=1))
+        else:
+            blocks[-1] += " " + line
+    out = []
+    for block in blocks:
+        out += [" ".join(p.split()) for p in _SENTENCE_END.split(block) if p and p.strip()]
+    return out
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in (m.lower() for m in _TOKEN.findall(text)) if w not in _STOP]
+
+
+def _stem(word: str) -> str:
+    """A crude suffix stripper: enough for 'invaded' ~ 'invasion'-free matching of plurals and tenses."""
+    for suffix in ("ations", "ation", "ings", "ing", "ies", "ied", "ed", "es", "s", "ly"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3:
+            return word[: -len(suffix)]
+    return word
+
+
+class ExtractiveGenerator:
+    """Answers with the question's best-matching sentences from the sources, each cited [n].
+
+    A sentence's score is the IDF-weighted share of the question's content words it contains
+    (IDF over the given sources' sentences), plus a small bonus for its source's rank, so ties
+    go to the passage retrieval liked best. No model, so a fresh install answers at once.
+    """
+
+    name = "extractive"
+    context_window = 8192
+
+    def __init__(self, settings: Settings, *, max_sentences: int = 3, max_words: int = 90) -> None:
+        self.max_sentences = max_sentences
+        self.max_words = max_words
+
+    def status(self) -> Status:
+        return Status(self.name, "extractive (no model)", True, NO_MODEL_NOTE)
+
+    def count_tokens(self, text: str) -> int:
+        return math.ceil(len(text) / 4)  # only budgets sources; nothing is tokenised
+
+    def condense(self, history: Sequence[dict[str, str]], question: str) -> str:
+        return condense_by_rule(history, question)
+
+    def stream(self, request: Request) -> Iterator[Delta]:
+        picked = self.pick(request.question, request.sources)
+        if not picked:
+            yield Delta("answer", "The sources do not seem to answer this question.")
+            return
+        for i, (n, sentence) in enumerate(picked):
+            yield Delta("answer", ("" if i == 0 else " ") + f"{sentence} [{n}]")
+
+    def pick(self, question: str, sources: Sequence[Any]) -> list[tuple[int, str]]:
+        """(source number, sentence) for the best sentences, best first."""
+        q_terms = {_stem(w) for w in content_words(question)}
+        if not q_terms:
+            return []
+        sentences = [(s.n, sent) for s in sources for sent in split_sentences(s.text) if len(sent.split()) >= MIN_WORDS]
+        bags = [{_stem(w) for w in content_words(sent)} for _, sent in sentences]
+        df: dict[str, int] = {}
+        for bag in bags:
+            for t in bag & q_terms:
+                df[t] = df.get(t, 0) + 1
+        n_sent = max(len(sentences), 1)
+        idf = {t: math.log(1 + n_sent / (1 + df.get(t, 0))) for t in q_terms}
+        total = sum(idf.values())
+        scored = []
+        for (n, sent), bag in zip(sentences, bags):
+            overlap = sum(idf[t] for t in bag & q_terms) / total
+            if overlap <= 0:
+                continue
+            scored.append((overlap + 0.15 / (n + 1), n, sent))
+        scored.sort(key=lambda x: -x[0])
+        picked: list[tuple[int, str]] = []
+        words = 0
+        for _, n, sent in scored:
+            if len(picked) >= self.max_sentences or (picked and words + len(sent.split()) > self.max_words):
+                break
+            picked.append((n, sent))
+            words += len(sent.split())
+        return picked
+
+
+_FOLLOW_UP = frozenset(
+    "it its it's they them their theirs this that these those he him his she her hers there one ones "
+    "former latter same such also else".split()
+)
+
+
+def condense_by_rule(history: Sequence[dict[str, str]], question: str) -> str:
+    """A follow-up that leans on the conversation (pronouns, or barely any words of its own) gets
+    the previous question's words added, so retrieval sees what it is about."""
+    previous = next((m["content"] for m in reversed(history) if m.get("role") == "user"), None)
+    if not previous:
+        return question
+    words = [w.lower() for w in _TOKEN.findall(question)]
+    leans = any(w in _FOLLOW_UP for w in words) or len(content_words(question)) <= 2
+    return f"{previous.strip()} {question.strip()}" if leans else question
+
+
+CONDENSE_PROMPT = (
+    "Rewrite the user's last question so that it can be understood without the conversation: "
+    "replace pronouns and references with what they refer to. Reply with the rewritten question only."
+)
+
+
+def _condense_messages(history: Sequence[dict[str, str]], question: str) -> list[dict[str, str]]:
+    turns = "\n".join(f"{m['role']}: {m['content']}" for m in history[-6:])
+    return [
+        {"role": "system", "content": CONDENSE_PROMPT},
+        {"role": "user", "content": f"Conversation:\n{turns}\n\nLast question: {question}"},
+    ]
+
+
+def _clean_condensed(text: str, question: str) -> str:
+    text = re.sub(r"<think>.*?(</think>|$)", "", text, flags=re.S).strip().strip('"').strip()
+    first = text.splitlines()[0].strip() if text else ""
+    return first if 3 <= len(first) <= 4 * len(question) + 200 else question
+
+
+# --- the local engine -----------------------------------------------------------------------------
+
+
+class EngineGenerator:
+    """The local MoE engine (engine.load_model), loaded on first use and kept."""
+
+    name = "engine"
+
+    def __init__(self, settings: Settings, *, model: Any | None = None) -> None:
+        if not settings.model and model is None:
+            raise GeneratorError("The engine generator needs a model: set MOERAG_MODEL to a checkpoint directory or hub id.")
+        self.settings = settings
+        self._model = model
+        self._lock = threading.Lock()  # one generation at a time: the model is not re-entrant
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            import torch
+
+            from engine import load_model
+
+            s = self.settings
+            # The int8/int4 CPU kernels are fast with bfloat16 activations; GPUs prefer bf16 too.
+            dtype = torch.bfloat16 if (s.quantize or s.device.startswith("cuda")) else torch.float32
+            self._model = load_model(s.model, dtype=dtype, quantize=s.quantize or None, device=s.device)
+        return self._model
+
+    @property
+    def context_window(self) -> int:
+        return self.settings.context_window or self.model.context_length
+
+    def status(self) -> Status:
+        label = self.settings.model or str(getattr(self._model, "directory", "model"))
+        if self.settings.quantize:
+            label += f" ({self.settings.quantize})"
+        return Status(self.name, label, self._model is not None, "" if self._model else "loads on the first question")
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.model.tokenizer.encode(text, add_special_tokens=False))
+
+    def count_messages(self, messages: list[dict[str, str]]) -> int:
+        """The prompt's exact length: the chat template applied, as generation will see it."""
+        return len(self.model.prompt_ids(messages))
+
+    def condense(self, history: Sequence[dict[str, str]], question: str) -> str:
+        text = "".join(d.text for d in self._run(_condense_messages(history, question), 64, 0.0, thinking=False))
+        return _clean_condensed(text, question)
+
+    def stream(self, request: Request) -> Iterator[Delta]:
+        yield from self._run(request.messages, request.max_tokens, request.temperature, thinking=None)
+
+    def _run(self, messages: list[dict[str, str]], max_tokens: int, temperature: float, *, thinking: bool | None):
+        from engine import SamplingParams
+        from engine.reasoning import OPEN, ReasoningSplitter
+
+        model = self.model
+        with self._lock:
+            ids = model.prompt_ids(messages, enable_thinking=thinking)
+            splitter = ReasoningSplitter(starts_in_reasoning=model.tokenizer.decode(ids).rstrip().endswith(OPEN))
+            sampling = SamplingParams(temperature=temperature)
+            for _, delta in model.stream_tokens(ids, max_new_tokens=max_tokens, sampling=sampling):
+                for piece in splitter.feed(delta):
+                    yield Delta(piece.kind, piece.text)
+            for piece in splitter.close():
+                yield Delta(piece.kind, piece.text)
+
+
+# --- an OpenAI-compatible server ------------------------------------------------------------------
+
+
+class OpenAIGenerator:
+    """Any server that speaks OpenAI's chat completions (vLLM, SGLang, llama.cpp, Ollama).
+
+    Reasoning comes from the delta's `reasoning_content` (DeepSeek, vLLM) or `reasoning`
+    (Ollama) field, or from <think> tags inside the content.
+    """
+
+    name = "openai"
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.openai_base_url:
+            raise GeneratorError("The openai generator needs MOERAG_OPENAI_BASE_URL, e.g. http://gpu1:8000/v1")
+        import openai
+
+        self.settings = settings
+        self.model = settings.openai_model or "default"
+        self.client = openai.OpenAI(
+            base_url=settings.openai_base_url, api_key=settings.openai_api_key or "none", timeout=120.0, max_retries=1
+        )
+        self.context_window = settings.context_window or 8192
+
+    def status(self) -> Status:
+        return Status(self.name, f"{self.model} at {self.settings.openai_base_url}", True)
+
+    def count_tokens(self, text: str) -> int:
+        # The server's tokenizer is not here; ~3 characters a token errs on the safe side for
+        # English and code (real BPE vocabularies average about 4).
+        return math.ceil(len(text) / 3)
+
+    def condense(self, history: Sequence[dict[str, str]], question: str) -> str:
+        try:
+            text = "".join(d.text for d in self._run(_condense_messages(history, question), 64, 0.0) if d.kind == "answer")
+        except GeneratorError as exc:
+            log.warning("condensing the follow-up question failed (%s); using a rule instead", exc)
+            return condense_by_rule(history, question)
+        return _clean_condensed(text, question)
+
+    def stream(self, request: Request) -> Iterator[Delta]:
+        yield from self._run(request.messages, request.max_tokens, request.temperature)
+
+    def _run(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> Iterator[Delta]:
+        import openai
+
+        from engine.reasoning import ReasoningSplitter
+
+        url = self.settings.openai_base_url
+        try:
+            stream = self.client.chat.completions.create(
+                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True
+            )
+            splitter = ReasoningSplitter()
+            for chunk in stream:
+                if not chunk.choices:
+                    continue
+                delta = chunk.choices[0].delta
+                extra = delta.model_extra or {}
+                reasoning = extra.get("reasoning_content") or extra.get("reasoning")
+                if reasoning:
+                    yield Delta("reasoning", reasoning)
+                if delta.content:
+                    for piece in splitter.feed(delta.content):
+                        yield Delta(piece.kind, piece.text)
+            for piece in splitter.close():
+                yield Delta(piece.kind, piece.text)
+        except openai.APIConnectionError as exc:
+            raise GeneratorError(f"Cannot reach the OpenAI-compatible server at {url}: {exc}. Is it running?") from exc
+        except openai.AuthenticationError as exc:
+            raise GeneratorError(f"The server at {url} refused the API key (MOERAG_OPENAI_API_KEY): {exc.message}") from exc
+        except openai.NotFoundError as exc:
+            raise GeneratorError(
+                f"The server at {url} does not serve model '{self.model}' (MOERAG_OPENAI_MODEL): {exc.message}"
+            ) from exc
+        except openai.APIError as exc:
+            raise GeneratorError(f"The server at {url} failed: {exc}") from exc
+
+
+GENERATORS: dict[str, Callable[..., Any]] = {
+    "extractive": ExtractiveGenerator,
+    "engine": EngineGenerator,
+    "openai": OpenAIGenerator,
+}
+
+
+def generator_name(settings: Settings) -> str:
+    """The configured generator; unset, the engine when a model is named, a server when a URL is."""
+    if settings.generator:
+        return settings.generator
+    if settings.model:
+        return "engine"
+    if settings.openai_base_url:
+        return "openai"
+    return "extractive"
+
+
+def make_generator(settings: Settings) -> Any:
+    name = generator_name(settings)
+    if name not in GENERATORS:
+        raise GeneratorError(f"Unknown generator '{name}'; choose one of: {', '.join(GENERATORS)}")
+    return GENERATORS[name](settings)
+
+
+__all__ = [
+    "Delta",
+    "GENERATORS",
+    "GeneratorError",
+    "Request",
+    "Status",
+    "condense_by_rule",
+    "generator_name",
+    "make_generator",
+    "split_sentences",
+]
