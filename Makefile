@@ -25,7 +25,7 @@ browser:
 
 # The sample documents go into the default knowledge base once; then the chat UI starts.
 run: setup
-	@$(BIN)/moerag docs list --json 2>/dev/null | grep -q '"id"' || $(BIN)/moerag ingest docs/
+	@$(BIN)/moerag docs list --json 2>/dev/null | grep -q '"id"' || $(BIN)/moerag ingest docs/*.md
 	$(BIN)/moerag ui --port 8501
 
 test: setup browser

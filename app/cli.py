@@ -520,6 +520,7 @@ def ui(
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port), "--server.address", host,
         "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
+        "--client.toolbarMode", "viewer",
         "--server.maxUploadSize", str(max(1, int(s.max_file_mb))),
     ]
     err.print(f"moerag UI on [bold]http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}[/] "
@@ -728,3 +729,7 @@ def main() -> None:
         err.print(f"[red]Error:[/] {escape(str(exc))}")
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -69,16 +69,17 @@ NO_MODEL_NOTE = (
 )
 
 
+_HEADING = re.compile(r"^\s*#{1,6}\s")
 _BLOCK_START = re.compile(r"^\s*(?:[-*+•]\s+|\d+[.)]\s+|#{1,6}\s+|\|)")
 
 
 def split_sentences(text: str) -> list[str]:
-    """Sentences of a passage, whitespace-normalised. Markdown list items, headings and table
-    rows end a sentence too, and their markers are dropped."""
+    """Sentences of a passage, whitespace-normalised. Markdown list items and table rows end a
+    sentence too (their markers dropped); headings are left out."""
     blocks: list[str] = []
     for line in text.splitlines():
-        if not line.strip():
-            blocks.append("")
+        if not line.strip() or _HEADING.match(line):
+            blocks.append("")  # headings are labels, not statements
         elif _BLOCK_START.match(line) or not blocks:
             blocks.append(_BLOCK_START.sub("", line, count=1))
         else:

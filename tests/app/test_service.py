@@ -89,7 +89,7 @@ def test_unknown_collection_and_empty_question_are_clear_errors(corpus, embedder
 
 def test_split_sentences_breaks_markdown_lists_and_headings():
     text = "# Title\n\nFirst sentence here. Second one follows.\n- item one is long\n- item two\n1. step"
-    assert split_sentences(text) == ["Title", "First sentence here.", "Second one follows.", "item one is long", "item two", "step"]
+    assert split_sentences(text) == ["First sentence here.", "Second one follows.", "item one is long", "item two", "step"]
 
 
 # --- citations -------------------------------------------------------------------------------------
