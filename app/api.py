@@ -105,7 +105,7 @@ class ChatMessage(BaseModel):
 
 class MoeragOptions(BaseModel):
     collections: list[str] | None = Field(None, description="Collections to search; default: the one named by `model`.")
-    web: bool = Field(False, description="Also search the live web (when the server has web search configured).")
+    web: bool = Field(False, description="Also search the live web; its results are ranked with the knowledge base's.")
     k: int | None = Field(None, ge=1, le=50, description="Sources to retrieve.")
     mode: Literal["hybrid", "dense", "bm25"] | None = None
 
@@ -122,6 +122,8 @@ class ChatRequest(BaseModel):
 
 class SourceOut(BaseModel):
     n: int
+    domain: str | None = None
+    fetched_at: str | None = None
     text: str
     snippet: str
     title: str
@@ -387,14 +389,12 @@ def create_app(settings: Settings, *, service: AnswerService | None = None) -> F
         for name in names:
             readable(key, name)
             existing(name)
-        if opts.web:
-            raise ApiError(400, "Web search is not available on this server yet.", param="moerag.web")
         turns = [m for m in req.messages if m.role in ("user", "assistant")]
         if not turns or turns[-1].role != "user" or not turns[-1].text().strip():
             raise ApiError(400, "The last message must be a non-empty user message: the question.", param="messages")
         history = [{"role": m.role, "content": m.text()} for m in turns[:-1]]
         events = svc.stream(turns[-1].text(), history=history, collections=names, k=opts.k, mode=opts.mode,
-                            temperature=req.temperature, max_tokens=req.max_tokens)
+                            temperature=req.temperature, max_tokens=req.max_tokens, web=opts.web)
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             return StreamingResponse(_sse(events, ident, created, req.model, metrics), media_type="text/event-stream",

@@ -134,36 +134,37 @@ def search(
     mode: Annotated[Optional[str], typer.Option("--mode", help="hybrid (default), dense or bm25.")] = None,
     collection: CollOpt = None,
     source: Annotated[Optional[str], typer.Option("--source", help="Only documents whose path starts with this.")] = None,
+    web: Annotated[bool, typer.Option("--web", help="Also search the live web; one ranking with the knowledge base.")] = False,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
-    """Search the knowledge base (dense + BM25, fused by reciprocal rank)."""
-    from retrieval.search import search as run_search
-
+    """Search the knowledge base (dense + BM25, fused by reciprocal rank), and the web with --web."""
     s = _settings(home, collection=collection, search_mode=mode)
-    kb = _kb(s)
-    embedder = _embedder(s) if s.search_mode != "bm25" else None
     src = str(Path(source).expanduser().resolve()) if source and Path(source).expanduser().exists() else source
-    hits = run_search(
-        kb, query, embed=embedder.encode if embedder else None, collection=s.collection, k=k, mode=s.search_mode, source=src
-    )
+    found = _service(s).search_items(query, collection=s.collection, k=k, mode=s.search_mode, source=src, web=web)
     if as_json:
-        print(json.dumps([h.to_json() for h in hits], ensure_ascii=False, indent=2))
+        # Without --web: the array of results; with it: {"results", "skipped"} (and "warnings").
+        print(json.dumps(found if web else found["results"], ensure_ascii=False, indent=2))
         return
-    if not hits:
+    for w in found["warnings"]:
+        err.print(f"[yellow]note[/]: {escape(w)}")
+    if not found["results"]:
         out.print("No results.")
-        return
-    for h in hits:
-        heading = h.heading or ""
-        if h.title and heading.startswith(h.title + " > "):  # the top heading usually repeats the title
-            heading = heading[len(h.title) + 3 :]
-        elif heading == h.title:
+    for h in found["results"]:
+        title, heading = h["document"]["title"], h["heading"] or ""
+        if title and heading.startswith(title + " > "):  # the top heading usually repeats the title
+            heading = heading[len(title) + 3 :]
+        elif heading == title:
             heading = ""
-        where = " · ".join(x for x in (f"p. {h.page}" if h.page else "", heading) if x)
-        out.print(f"[bold]{h.rank}.[/] {escape(h.title or h.source)}  [dim]{escape(where)}  score {h.score:.4f}[/]")
-        out.print(f"   [dim]{escape(h.source)}[/]")
-        snippet = " ".join(h.text.split())
+        where = " · ".join(x for x in (f"p. {h['page']}" if h["page"] else "", heading) if x)
+        origin = "[cyan]web[/] " if h["origin"] == "web" else ""
+        out.print(f"[bold]{h['rank']}.[/] {origin}{escape(title or h['document']['source'])}  "
+                  f"[dim]{escape(where)}  score {h['score']:.4f}[/]")
+        out.print(f"   [dim]{escape(h['document']['source'])}[/]")
+        snippet = " ".join(h["text"].split())
         out.print("   " + escape(snippet[:300] + ("…" if len(snippet) > 300 else "")))
+    for sk in found["skipped"]:
+        err.print(f"[dim]skipped {escape(sk['url'])}: {escape(sk['reason'])}[/]")
 
 
 # --- docs --------------------------------------------------------------------------------------
@@ -401,13 +402,14 @@ def ask(
     conversation: Annotated[
         Optional[int], typer.Option("--conversation", help="Continue this stored conversation (see: moerag conversations list).")
     ] = None,
+    web: Annotated[bool, typer.Option("--web", help="Also use live web results (one ranking with the knowledge base).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the final answer as JSON (nothing streamed).")] = False,
     home: HomeOpt = None,
 ) -> None:
-    """Answer a question from the knowledge base, citing sources as [n] (streams)."""
+    """Answer a question from the knowledge base (and the web with --web), citing sources as [n]."""
     s = _settings(home, search_mode=mode)
     service = _service(s)
-    events = service.stream(question, collections=collection or None, k=k, conversation_id=conversation)
+    events = service.stream(question, collections=collection or None, k=k, conversation_id=conversation, web=web)
     if as_json:
         answer = next(ev.data for ev in events if ev.kind == "done")
         print(json.dumps(answer.to_json(), ensure_ascii=False, indent=2))

@@ -59,6 +59,8 @@ class Source:
     document_id: int | None = None
     chunk_id: int | None = None
     cut: bool = False
+    domain: str | None = None  # web sources: the site
+    fetched_at: str | None = None  # web sources: when the page was read (ISO 8601, UTC)
 
     @property
     def snippet(self) -> str:
@@ -384,13 +386,15 @@ class AnswerService:
         mode: str | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        web: bool = False,
     ) -> Iterator[Event]:
         """Answer `question` as a stream of events (module docstring); the last is ("done", Answer).
 
         history: earlier turns as chat messages ({"role", "content"}), oldest first. With
         `conversation_id` the history is read from that stored conversation, and the question
         and its answer are appended to it. `temperature` and `max_tokens` override the settings
-        for this answer.
+        for this answer. `web` adds live web results, ranked together with the knowledge base's;
+        when the web is unavailable the answer goes on from the knowledge base, with a warning.
         """
         question = question.strip()
         if not question:
@@ -423,6 +427,12 @@ class AnswerService:
                 yield Event("warning", warnings[-1])
         yield Event("status", "searching")
         candidates = self.retrieve(standalone, collections=names, k=k or s.answer_k, mode=mode or s.search_mode)
+        if web:
+            yield Event("status", "searching the web")
+            candidates, found = self.with_web(standalone, candidates, k=k or s.answer_k)
+            for w in found.warnings:
+                warnings.append(w)
+                yield Event("warning", w)
         t_retrieved = time.perf_counter()
         if not candidates:
             warnings.append(f"Nothing in {', '.join(repr(n) for n in names)} matched the question.")
@@ -510,6 +520,93 @@ class AnswerService:
                 sources=[x.to_json() for x in sources], citations=result.citations, warnings=warnings, timings=timings,
             )
         yield Event("done", result)
+
+    def web_options(self):
+        from retrieval.web import WebOptions
+
+        s = self.settings
+        return WebOptions(
+            provider=s.web_provider, searxng_url=s.searxng_url, region=s.web_region, safesearch=s.web_safesearch,
+            max_results=s.web_max_results, budget=s.web_timeout, page_timeout=s.web_page_timeout,
+            max_page_bytes=int(s.web_max_page_mb * 2**20), allowlist=s.web_allowlist, cache_ttl=s.web_cache_ttl,
+        )
+
+    def search_web(self, query: str, *, k: int):
+        """(web chunks ranked for `query`, best first, as Sources; the WebResults with skipped pages)."""
+        from datetime import datetime, timezone
+
+        from retrieval.web import WebError, WebResults, rank_web, web_search
+
+        if self.settings.web_provider == "none":
+            return [], WebResults(warnings=["Web search is off (MOERAG_WEB_PROVIDER=none); answering from the knowledge base."])
+        try:
+            found = web_search(query, options=self.web_options(), store=self.kb.store)
+        except WebError as exc:
+            found = WebResults(warnings=[f"Web search failed: {exc}"])
+        chunks = rank_web(query, found.pages, chunk=self._chunk_text, embed=self.embedder.encode, k=k)
+        if not chunks:
+            found.warnings.append("Nothing usable came from the web; answering from the knowledge base only.")
+        sources = [
+            Source(
+                n=i, text=c.text, title=c.page.title or c.page.domain, source=c.page.url, collection="web",
+                score=c.score, url=c.page.url, origin="web", domain=c.page.domain,
+                fetched_at=datetime.fromtimestamp(c.page.fetched_at, timezone.utc).isoformat(timespec="seconds"),
+            )
+            for i, c in enumerate(chunks, 1)
+        ]
+        return sources, found
+
+    def with_web(self, query: str, kb_sources: list[Source], *, k: int):
+        """The knowledge base's sources and the web's, in one ranking (see retrieval.web.rank)."""
+        from retrieval.web import fuse
+
+        web_sources, found = self.search_web(query, k=k)
+        fused = fuse(query, [kb_sources, web_sources], k=k, embed=self.embedder.encode, text_of=lambda x: x.text,
+                     url_of=lambda x: x.url)
+        out = []
+        for i, (src, score) in enumerate(fused, 1):
+            out.append(Source(**{**asdict(src), "n": i, "score": score}))
+        return out, found
+
+    def search_items(
+        self, query: str, *, collection: str, k: int, mode: str, source: str | None = None, web: bool = False
+    ) -> dict[str, Any]:
+        """What `moerag search --json` prints: {"results": [...]} (the items of Hit.to_json, plus
+        `origin`; web items also carry `url`, `domain`, `fetched_at`), and with `web` the
+        "skipped" results ({url, reason}) and "warnings"."""
+        from retrieval.search import search
+        from retrieval.web import fuse
+
+        embed = self.embedder.encode if mode != "bm25" else None
+        hits = search(self.kb, query, embed=embed, collection=collection, k=k, mode=mode, source=source)
+        if not web:
+            return {"results": [{**h.to_json(), "origin": "kb"} for h in hits], "skipped": [], "warnings": []}
+        web_sources, found = self.search_web(query, k=k)
+        fused = fuse(query, [hits, web_sources], k=k, embed=self.embedder.encode, text_of=lambda x: x.text,
+                     url_of=lambda x: getattr(x, "url", None))
+        results = []
+        for rank, (item, score) in enumerate(fused, 1):
+            if isinstance(item, Source):
+                results.append({
+                    "rank": rank, "score": round(score, 6), "chunk_id": None, "text": item.text,
+                    "document": {"id": None, "source": item.url, "title": item.title}, "page": None, "heading": None,
+                    "start": 0, "end": len(item.text), "ranks": {"web": web_sources.index(item) + 1},
+                    "origin": "web", "url": item.url, "domain": item.domain, "fetched_at": item.fetched_at,
+                })
+            else:
+                results.append({**item.to_json(), "rank": rank, "score": round(score, 6), "origin": "kb"})
+        return {"results": results, "skipped": found.skipped, "warnings": found.warnings}
+
+    def _chunk_text(self, title: str, text: str) -> list[str]:
+        """A web page cut like a knowledge-base document: the same chunker and token budget."""
+        from ingest.chunker import chunk_document
+        from ingest.loaders import load_text
+
+        e, s = self.embedder, self.settings
+        doc = load_text(text, title=title or "web page", doc_type="web")
+        chunks = chunk_document(doc, e.tokenizer, max_tokens=e.max_tokens, chunk_tokens=min(s.chunk_tokens, e.max_tokens),
+                                overlap_tokens=s.chunk_overlap)
+        return [c.text for c in chunks]
 
     def retrieve(self, query: str, *, collections: Sequence[str], k: int, mode: str) -> list[Source]:
         """Hybrid (by default) search of each collection; several collections are fused by rank."""

@@ -46,10 +46,11 @@ class Settings:
     # Live web search (`--web`, the UI's toggle)
     web_provider: str = "duckduckgo"  # duckduckgo | searxng | none
     searxng_url: str = ""  # a self-hosted SearXNG, e.g. http://searx.intranet:8080 (its JSON API must be on)
-    web_region: str = "wt-wt"  # DuckDuckGo region code (wt-wt: no region); SearXNG language
+    web_region: str = "us-en"  # DuckDuckGo region code (wt-wt: none); passed to SearXNG as its language
     web_safesearch: str = "moderate"  # on | moderate | off
     web_max_results: int = 5  # search results fetched per question
     web_timeout: float = 8.0  # seconds for the whole web step: search, fetches and extraction
+    web_page_timeout: float = 4.0  # seconds for one page (all its redirects)
     web_max_page_mb: float = 2.0  # larger pages are cut off and their partial text used
     web_allowlist: str = ""  # comma-separated hosts and CIDRs allowed despite the private-address guard
     web_cache_ttl: float = 86400.0  # seconds a fetched page is reused from the cache

@@ -72,7 +72,10 @@ def sidebar(service: AnswerService) -> dict[str, Any]:
     with st.sidebar.expander("Retrieval", expanded=False):
         k = st.slider("Sources per answer (k)", 1, 20, service.settings.answer_k)
         mode = st.selectbox("Mode", MODES, index=MODES.index(service.settings.search_mode))
-        st.toggle("Search the web", value=False, disabled=True, help="Coming with web search.")
+        provider = service.settings.web_provider
+        web = st.toggle("Search the web", value=False, disabled=provider == "none",
+                        help=f"Also search the live web ({provider}); results are ranked with your documents."
+                        if provider != "none" else "Web search is off (MOERAG_WEB_PROVIDER=none).")
 
     with st.sidebar.expander("Add documents", expanded=not names):
         target = st.text_input("Into collection", value=chosen[0] if chosen else default)
@@ -83,7 +86,7 @@ def sidebar(service: AnswerService) -> dict[str, Any]:
     if chosen:
         documents(service, chosen[0])
     conversations(service)
-    return {"collections": chosen, "k": k, "mode": mode}
+    return {"collections": chosen, "k": k, "mode": mode, "web": web}
 
 
 class _UiProgress:
@@ -187,6 +190,8 @@ def show_sources(sources: list[dict[str, Any]], citations: list[int]) -> None:
     for src in sources:
         where = src.get("url") or src.get("source", "")
         page = f" · p. {src['page']}" if src.get("page") else ""
+        if src.get("origin") == "web":
+            page = f" · web: {src.get('domain') or ''}"
         mark = "●" if src["n"] in citations else "○"
         with st.expander(f"{mark} [{src['n']}] {as_text(src.get('title') or where)}{page}"):
             st.caption(f"{as_text(where)}{as_text(' · ' + src['heading']) if src.get('heading') else ''} · "
@@ -229,7 +234,7 @@ def ask(service: AnswerService, question: str, options: dict[str, Any]) -> None:
         try:
             with st.spinner("Searching…"):
                 events = service.stream(question, conversation_id=s.conversation_id, collections=options["collections"],
-                                        k=options["k"], mode=options["mode"])
+                                        k=options["k"], mode=options["mode"], web=options["web"])
                 first = next(events)
             for ev in _chain(first, events):
                 if ev.kind == "reasoning":
