@@ -124,3 +124,19 @@ def test_an_empty_knowledge_base_says_what_to_do(tmp_path, monkeypatch):
     assert any("knowledge base is empty" in i.value for i in at.sidebar.info)
     assert at.chat_input[0].disabled
     st.cache_resource.clear()
+
+
+def test_the_web_toggle_adds_labelled_web_sources(ui_home, monkeypatch):
+    from tests.retrieval.web.conftest import LocalWeb, serve_local_web
+
+    with serve_local_web() as web:
+        LocalWeb.results = [{"url": f"{web}/article", "title": "Owls of Europe", "content": "owls"}]
+        for key, value in {"MOERAG_WEB_PROVIDER": "searxng", "MOERAG_SEARXNG_URL": web,
+                           "MOERAG_WEB_ALLOWLIST": "127.0.0.1/32", "MOERAG_WEB_TIMEOUT": "5"}.items():
+            monkeypatch.setenv(key, value)
+        at = run_page()
+        at.toggle[0].set_value(True).run()
+        at = ask(at, "What do barn owls do with their pellets of bone and fur?")
+    labels = [e.label for e in at.chat_message[-1].expander]
+    assert any("web: 127.0.0.1" in label for label in labels), labels
+    assert LocalWeb.hits.get("/article") == 1
