@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from engine.errors import EngineError
 from engine.qmatmul import int4_matmul, int8_matmul
 
 ExpertsFn = Callable[..., torch.Tensor]
@@ -95,11 +96,46 @@ def cpu_sorted(
     return out.to(x.dtype)
 
 
+def triton_fused(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The Triton kernels (kernels.fused_moe): float and int8 experts; no host sync, so a decode
+    step that uses it can be captured in a CUDA graph."""
+    from kernels import fused_moe
+
+    if w13.dtype == torch.uint8:
+        raise EngineError(
+            "int4 experts are packed for the CPU kernel; the triton backend reads its own int4 layout "
+            "(kernels.quantize_int4). Use experts_backend='cpu' or int8 for now."
+        )
+    quant = "int8" if w13_scale is not None else None
+    return fused_moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale, quant=quant)
+
+
 def _row(scale: torch.Tensor | None, e: int) -> torch.Tensor | None:
     return None if scale is None else scale[e]
+
+
+def default_backend(device: torch.device) -> str:
+    """triton on CUDA when Triton is installed, else the sorted CPU path."""
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "cpu"
+        return "triton"
+    return "cpu"
 
 
 EXPERT_BACKENDS: dict[str, ExpertsFn] = {
     "reference": reference,
     "cpu": cpu_sorted,
+    "triton": triton_fused,
 }

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from engine.errors import ContextLengthError, EngineError
-from engine.experts import EXPERT_BACKENDS
+from engine.experts import EXPERT_BACKENDS, default_backend
 from engine.loader import load_checkpoint
 from engine.quantize import TARGETS, check_scheme, quantize_modules
 from engine.sampling import SamplingParams, choose, penalize_repeats
@@ -321,6 +321,6 @@ def load_model(
         tokenizer=load_tokenizer(loaded.directory),
         quantization=quantization,
     )
-    model.set_experts_backend(experts_backend or "cpu")
+    model.set_experts_backend(experts_backend or default_backend(model.device))
     log.info("loaded %s from %s (%s, %s)", loaded.model_type, loaded.directory, dtype, device)
     return model
