@@ -246,31 +246,13 @@ def docs_rm(
     home: HomeOpt = None,
 ) -> None:
     """Remove documents (their chunks and vectors too)."""
-    from sqlalchemy import select
-
-    from retrieval.errors import NotFoundError
-    from retrieval.store import Document
+    from app.library import delete_documents
 
     if not doc_ids and not all_docs:
         raise click.UsageError("Name document ids, or pass --all to empty the collection.")
     s = _settings(home, collection=collection)
-    kb = _kb(s)
-    with kb.write_lock(), kb.store.session() as session:
-        coll = kb.store.collection(session, s.collection)
-        if all_docs:
-            docs = list(session.scalars(select(Document).where(Document.collection_id == coll.id)))
-        else:
-            docs = []
-            for i in doc_ids:
-                doc = session.get(Document, i)
-                if doc is None or doc.collection_id != coll.id:
-                    raise NotFoundError(f"No document with id {i} in collection '{coll.name}'. List them with: moerag docs list")
-                docs.append(doc)
-        for doc in docs:
-            kb.store.delete_document(session, doc)
-        session.flush()
-        kb.save_index(session, coll)
-    out.print(f"Removed {len(docs)} document(s) from '{s.collection}'.")
+    removed = delete_documents(_kb(s), s.collection, None if all_docs else doc_ids)
+    out.print(f"Removed {removed} document(s) from '{s.collection}'.")
 
 
 # --- index -------------------------------------------------------------------------------------

@@ -99,16 +99,21 @@ def list_documents(kb: KnowledgeBase, collection: str) -> list[dict[str, Any]]:
         ]
 
 
-def delete_documents(kb: KnowledgeBase, collection: str, ids: list[int]) -> int:
-    """Remove documents (chunks, vectors, lexical rows) from a collection; the index is saved."""
+def delete_documents(kb: KnowledgeBase, collection: str, ids: list[int] | None) -> int:
+    """Remove documents (chunks, vectors, lexical rows) from a collection, all of them when `ids`
+    is None; the index is saved. Unknown ids remove nothing."""
     with kb.write_lock(), kb.store.session() as session:
         coll = kb.store.collection(session, collection)
-        docs = []
-        for i in ids:
-            doc = session.get(Document, i)
-            if doc is None or doc.collection_id != coll.id:
-                raise NotFoundError(f"No document with id {i} in collection '{collection}'.")
-            docs.append(doc)
+        if ids is None:
+            docs = list(session.scalars(select(Document).where(Document.collection_id == coll.id)))
+        else:
+            docs = []
+            for i in ids:
+                doc = session.get(Document, i)
+                if doc is None or doc.collection_id != coll.id:
+                    raise NotFoundError(f"No document with id {i} in collection '{collection}'. "
+                                        "List them with: moerag docs list")
+                docs.append(doc)
         for doc in docs:
             kb.store.delete_document(session, doc)
         session.flush()
