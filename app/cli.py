@@ -496,7 +496,6 @@ def ui(
 ) -> None:
     """Start the chat UI in the browser (Streamlit) at http://HOST:PORT."""
     import os
-    import subprocess
 
     s = _settings(home)
     env = {**os.environ, "MOERAG_HOME": str(s.home)}
@@ -509,10 +508,11 @@ def ui(
     ]
     err.print(f"moerag UI on [bold]http://{'localhost' if host in ('127.0.0.1', '0.0.0.0') else host}:{port}[/] "
               f"(data in {escape(str(s.home))}); Ctrl-C stops it.")
-    try:
-        raise typer.Exit(subprocess.call(cmd, env=env))
-    except KeyboardInterrupt:
-        raise typer.Exit(0)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Become the Streamlit server (no child process): signals reach it directly, so stopping
+    # `moerag ui` never leaves a server running.
+    os.execve(sys.executable, cmd, env)
 
 
 # --- the HTTP API: serve, keys ------------------------------------------------------------------
