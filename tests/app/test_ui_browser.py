@@ -37,6 +37,8 @@ def test_ui_answers_a_question_in_a_browser(tmp_path, embedder):
     )
     url = f"http://127.0.0.1:{port}"
     shot = tmp_path / "ui.png"
+    upload = tmp_path / "mascot.md"
+    upload.write_text("# Mascot\n\nThe moerag mascot is a teal octopus that reads documents with all eight arms.\n")
     try:
         deadline = time.time() + 60
         while True:
@@ -64,6 +66,16 @@ def test_ui_answers_a_question_in_a_browser(tmp_path, embedder):
             assert "Sources" in text and "▌" not in text
             page.wait_for_timeout(500)
             page.screenshot(path=str(shot), full_page=False)
+            # Upload a file through the sidebar; it is ingested with progress and becomes searchable.
+            page.get_by_text("Add documents").click()
+            page.locator('input[type="file"]').set_input_files(str(upload))
+            page.get_by_role("button", name="Ingest").click()
+            page.get_by_text("1 added, 0 failed", exact=False).wait_for(timeout=60_000)
+            box.fill("What colour is the moerag mascot?")
+            box.press("Enter")
+            newest = page.locator('[data-testid="stChatMessage"]').nth(3)
+            newest.get_by_text("first token", exact=False).wait_for(timeout=60_000)
+            assert "teal" in newest.inner_text()
             browser.close()
     finally:
         server.terminate()
