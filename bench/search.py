@@ -8,9 +8,11 @@ p50 <= 50 ms on 2 cores.
 
 Part 1 writes a real knowledge base through the store (SQL rows + FTS5 + FAISS file): SciFact
 abstracts cut into ~200-word passages, 5,000 of them embedded for real (cached in /tmp), each
-repeated 20 times with word drops/swaps and a little vector noise. Floors in the same run: one
-query through the raw SentenceTransformer, and numpy brute force over the same [N, D] matrix
-(one pass over N*D*4 bytes: the memory-bandwidth floor of exact dense search).
+repeated 20 times with word drops/swaps and a little vector noise. Floors and baselines in the
+same run: one query through the raw SentenceTransformer, numpy brute force over the same [N, D]
+matrix (one pass over N*D*4 bytes: the memory-bandwidth floor of exact dense search), FAISS on
+two OpenMP threads (before), and FTS5's own bm25() top-k for the same words (before: the
+in-memory BM25 index returns exactly its ranking). Also the BM25 index's first build, file and memory.
 Part 2 times `VectorIndex` alone on 1M synthetic unit vectors drawn from a Gaussian mixture
 whose centres are the real passage embeddings; exact numpy search is the baseline.
 `--uniform` repeats part 2 on uniform vectors on the sphere (no structure: the worst case).
@@ -25,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import sqlite3
 import sys
 import tempfile
@@ -42,9 +45,10 @@ if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
     sys.path.pop(0)
 
 from ingest.embedder import get_embedder
+from retrieval.bm25 import LexicalIndex, fts_rows, fts_tokenizer, tokenizer
 from retrieval.index import IndexParams, VectorIndex
 from retrieval.kb import KnowledgeBase
-from retrieval.search import BM25_WEIGHTS, _hydrate, bm25_ids, fts_query, rrf, search
+from retrieval.search import BM25_WEIGHTS, _hydrate, bm25_ids, fts_query, query_words, rrf, search
 from retrieval.store import Document
 
 SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "scifact"
@@ -188,12 +192,29 @@ def build_kb(home: Path, embedder, ps: list[tuple[str, str, str]], vecs: np.ndar
     return kb, all_vecs, {"docs": n_docs, "store_s": t_store, "index_s": t_index, "kind": vi.kind, "bytes": size}
 
 
-def bm25_sql() -> str:
-    """The statement `bm25_ids` runs (no source filter), for timing it on a bare sqlite3 connection."""
-    w_title, w_heading, w_body = BM25_WEIGHTS
-    return (f"SELECT f.rowid, bm25(chunks_fts, {w_title}, {w_heading}, {w_body}) AS s "
-            "FROM chunks_fts f JOIN chunks c ON c.id = f.rowid "
-            "WHERE chunks_fts MATCH :q AND c.collection_id = :c ORDER BY s LIMIT :k")
+def fts5_sql() -> str:
+    """FTS5's own bm25() top-k over the table (one collection here): what `bm25_ids` reproduces exactly."""
+    weights = ", ".join(map(str, BM25_WEIGHTS))
+    return f"SELECT rowid, bm25(chunks_fts, {weights}) AS s FROM chunks_fts WHERE chunks_fts MATCH :q ORDER BY s LIMIT :k"
+
+
+def lexical_build(kb: KnowledgeBase) -> dict:
+    """Build the collection's BM25 index from scratch, write it where searches find it, load it back."""
+    with kb.store.session() as session:
+        coll = kb.store.collection(session, "bench")
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        t0 = time.perf_counter()
+        li, _, _ = LexicalIndex(fts_tokenizer(session)).synced(
+            kb.store.chunk_ids(session, coll), lambda ids: fts_rows(session, ids), coll.version
+        )
+        t_build = time.perf_counter() - t0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+        path = kb.lexical_path(coll)
+        _, t_save = timed(li.save, path)
+        _, t_load = timed(LexicalIndex.load, path)
+    postings = sum(len(seg.docs) for seg in li.segments)
+    return {"build_s": t_build, "save_s": t_save, "load_s": t_load, "mib": li.nbytes / 2**20, "peak_mib": rss / 1024,
+            "terms": len(li.terms), "postings": postings, "file_mib": path.stat().st_size / 2**20, "index": li}
 
 
 def kb_matrix(kb: KnowledgeBase) -> np.ndarray:
@@ -229,6 +250,8 @@ def part1(sz: Sizes, home: Path | None) -> None:
         kb = KnowledgeBase(home)
         embed = embedder.encode
         _, t_first = timed(search, kb, warm[0], embed=embed, collection="bench", k=K, mode="dense")
+        lexical = lexical_build(kb)
+        _, t_first_bm25 = timed(search, kb, warm[0], embed=embed, collection="bench", k=K, mode="bm25")
         modes = ("dense", "bm25", "hybrid")
         for q in warm:
             for m in modes:
@@ -243,12 +266,14 @@ def part1(sz: Sizes, home: Path | None) -> None:
 
         # Hybrid piece by piece, with the floors, again interleaved per query.
         pieces = ["encode", "open", "faiss", "bm25", "rrf", "hydrate", "raw_encode", "raw_encode_1t", "numpy",
-                  "numpy_topk", "sqlite_bm25", "fts_only"]
+                  "numpy_topk", "faiss_2t", "fts5"]
         threads = torch.get_num_threads()
         matches: list[int] = []
+        postings: list[int] = []
         t: dict[str, list[float]] = {p: [] for p in pieces}
         raw = sqlite3.connect(home / "moerag.db")
-        sql = bm25_sql()
+        sql = fts5_sql()
+        li, tok = lexical["index"], tokenizer(lexical["index"].spec)
         for q in qs:
             qvec, dt = timed(embedder.encode, [q])
             t["encode"].append(dt)
@@ -274,6 +299,11 @@ def part1(sz: Sizes, home: Path | None) -> None:
                 t["rrf"].append(dt)
                 _, dt = timed(_hydrate, session, [c for c, _ in fused[:K]])
                 t["hydrate"].append(dt)
+            omp = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(2)  # what VectorIndex.search ran on before
+            _, dt = timed(vi.index.search, qvec, POOL)
+            faiss.omp_set_num_threads(omp)
+            t["faiss_2t"].append(dt)
             t1 = time.perf_counter()
             scores = mat @ qvec[0]  # [N]: reads N*D*4 bytes once
             t["numpy"].append(time.perf_counter() - t1)
@@ -281,13 +311,13 @@ def part1(sz: Sizes, home: Path | None) -> None:
             top = top[np.argsort(-scores[top])]  # [POOL]
             t["numpy_topk"].append(time.perf_counter() - t1)
             match = fts_query(q)
-            _, dt = timed(lambda: raw.execute(sql, {"q": match, "c": coll.id, "k": POOL}).fetchall())
-            t["sqlite_bm25"].append(dt)
-            _, dt = timed(lambda: raw.execute(
-                f"SELECT rowid, bm25(chunks_fts, {', '.join(map(str, BM25_WEIGHTS))}) AS s FROM chunks_fts "
-                "WHERE chunks_fts MATCH :q ORDER BY s LIMIT :k", {"q": match, "k": POOL}).fetchall())
-            t["fts_only"].append(dt)
-            matches.append(raw.execute("SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?", (match,)).fetchone()[0])
+            if match is not None:
+                _, dt = timed(lambda: raw.execute(sql, {"q": match, "k": POOL}).fetchall())
+                t["fts5"].append(dt)
+                matches.append(raw.execute("SELECT count(*) FROM chunks_fts WHERE chunks_fts MATCH ?", (match,)).fetchone()[0])
+                terms = [li.terms[x] for ts in tok.terms(query_words(q)) for x in ts if x in li.terms]
+                postings.append(sum(int(seg.ptr[x + 1] - seg.ptr[x]) for seg in li.segments for x in terms
+                                    if x + 1 < len(seg.ptr)))
         raw.close()
         load1 = load()
 
@@ -304,8 +334,8 @@ def part1(sz: Sizes, home: Path | None) -> None:
     names = {
         "encode": "query embedding (embedder.encode)",
         "open": "session + collection + vector_index()",
-        "faiss": f"FAISS search (k={POOL})",
-        "bm25": f"FTS5 bm25_ids (k={POOL})",
+        "faiss": f"FAISS search (k={POOL}, 1 OpenMP thread)",
+        "bm25": f"bm25_ids, in-memory index (k={POOL})",
         "rrf": "RRF fusion",
         "hydrate": f"hydration ({K} hits)",
     }
@@ -324,15 +354,22 @@ def part1(sz: Sizes, home: Path | None) -> None:
           f"{ms(t['numpy'], 95):8.2f}{'':8s}{ms(t['faiss'], 50) / ms(t['numpy'], 50):12.2f}  FAISS / numpy")
     print(f"{f'numpy @ q + top-{POOL}':44s}{ms(t['numpy_topk'], 50):8.2f}{ms(t['numpy_topk'], 95):8.2f}"
           f"{'':8s}{ms(t['faiss'], 50) / ms(t['numpy_topk'], 50):12.2f}  FAISS / numpy+top-k")
-    print(f"{'join-every-match SQL (before), bare sqlite3':44s}{ms(t['sqlite_bm25'], 50):8.2f}{ms(t['sqlite_bm25'], 95):8.2f}"
-          f"{'':8s}{ms(t['bm25'], 50) / ms(t['sqlite_bm25'], 50):12.2f}  bm25_ids / bare")
-    print(f"{'FTS5 MATCH alone (no join to chunks)':44s}{ms(t['fts_only'], 50):8.2f}{ms(t['fts_only'], 95):8.2f}"
-          f"{'':8s}{ms(t['sqlite_bm25'], 50) / ms(t['fts_only'], 50):12.2f}  bare / MATCH alone")
-    print(f"{'FTS5 rows matching the OR-query (median)':44s}{np.median(matches):8.0f}{np.percentile(matches, 95):8.0f}"
+    print(f"{'FAISS on 2 OpenMP threads (before)':44s}{ms(t['faiss_2t'], 50):8.2f}{ms(t['faiss_2t'], 95):8.2f}"
+          f"{'':8s}{ms(t['faiss'], 50) / ms(t['faiss_2t'], 50):12.2f}  1 thread / 2 threads")
+    print(f"{f'FTS5 bm25() top-{POOL}, same words (before)':44s}{ms(t['fts5'], 50):8.2f}{ms(t['fts5'], 95):8.2f}"
+          f"{'':8s}{ms(t['bm25'], 50) / ms(t['fts5'], 50):12.2f}  bm25_ids / FTS5")
+    print(f"{'chunks matching the OR-query (median)':44s}{np.median(matches):8.0f}{np.percentile(matches, 95):8.0f}"
           f"{'':8s}{np.median(matches) / N:12.0%}  of all chunks")
-    floor = ms(t["raw_encode"], 50) + ms(t["numpy_topk"], 50)
-    print(f"{'dense floor: raw encode + numpy top-k':44s}{floor:8.2f}{'':8s}{'':8s}"
+    print(f"{'postings scored per query (median)':44s}{np.median(postings):8.0f}{np.percentile(postings, 95):8.0f}"
+          f"{'':8s}{np.median(postings) / lexical['postings']:12.1%}  of all postings")
+    enc = min(ms(t["raw_encode"], 50), ms(t["raw_encode_1t"], 50))
+    floor = enc + min(ms(t["numpy_topk"], 50), ms(t["faiss"], 50))
+    print(f"{'dense floor: raw encode + best exact scan':44s}{floor:8.2f}{'':8s}{'':8s}"
           f"{ms(e2e['dense'], 50) / floor:12.2f}  dense search() / floor")
+    print(f"\nBM25 index: built from the FTS5 table in {lexical['build_s']:.1f} s (peak RSS +{lexical['peak_mib']:.0f} MiB), "
+          f"{lexical['terms']:,} terms, {lexical['postings']:,} postings, {lexical['mib']:.0f} MiB in memory; file "
+          f"{lexical['file_mib']:.0f} MiB, saved in {lexical['save_s']:.2f} s, loaded in {lexical['load_s']:.2f} s; "
+          f"first bm25 search of a fresh process (loads the file) {t_first_bm25 * 1e3:.0f} ms")
 
 
 # --- part 2: the approximate index at 1M vectors -------------------------------------------------

@@ -1,13 +1,15 @@
-"""The knowledge base on disk: one home folder with the SQL store, the FAISS index files and a lock.
+"""The knowledge base on disk: one home folder with the SQL store, the derived index files and a lock.
 
 Writers (ingest, delete, rebuild) hold the write lock; readers never take it. A reader's
-FAISS index is brought up to the store's version before every search, so it sees what a writer
-committed a moment ago, without a restart and without waiting for the writer to save its file.
+FAISS and BM25 indexes are brought up to the store's version before every search, so it sees
+what a writer committed a moment ago, without a restart and without waiting for a saved file.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +20,7 @@ from filelock import FileLock, Timeout
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
+from retrieval.bm25 import LexicalIndex, expected_postings, fts_rows, fts_tokenizer
 from retrieval.errors import LockedError, StoreError
 from retrieval.index import IndexParams, VectorIndex
 from retrieval.store import Chunk, Collection, Document, Store
@@ -48,6 +51,8 @@ class KnowledgeBase:
         self.store = Store(database_url or f"sqlite:///{self.home / 'moerag.db'}")
         self.index_params = index_params or IndexParams()
         self._indexes: dict[int, VectorIndex] = {}
+        self._lexical: dict[int, LexicalIndex] = {}
+        self._lexical_lock = threading.Lock()  # one catch-up at a time: a second would repeat the work
         self._seen_files: dict[Path, int] = {}  # index file -> mtime_ns when last read
 
     def _file_changed(self, path: Path) -> bool:
@@ -139,11 +144,71 @@ class KnowledgeBase:
             vi.rebuild(np.zeros(0, np.int64), np.zeros((0, coll.dim), np.float32), coll.version)
         self._save(vi, coll)
         self._indexes[coll.id] = vi
+        if self.store.is_sqlite:  # the BM25 index too, from the FTS5 table
+            self._lexical.pop(coll.id, None)
+            self.lexical_path(coll).unlink(missing_ok=True)
+            self.lexical_index(session, coll)
         return vi
 
     def drop_index(self, coll: Collection) -> None:
         self._indexes.pop(coll.id, None)
         self.index_path(coll).unlink(missing_ok=True)
+        self._lexical.pop(coll.id, None)
+        self.lexical_path(coll).unlink(missing_ok=True)
+
+    # --- the BM25 index -----------------------------------------------------------------------
+
+    def lexical_path(self, coll: Collection) -> Path:
+        return self.home / "index" / f"collection-{coll.id}.bm25.npz"
+
+    def lexical_index(self, session: Session, coll: Collection) -> LexicalIndex:
+        """The collection's BM25 index (SQLite stores), brought up to the store's current version.
+
+        Derived from the FTS5 table; kept in a file only to spare the next process a first
+        build (seconds at 100k chunks), written whenever its largest segment was rebuilt.
+        """
+        li = self._lexical.get(coll.id)
+        if li is not None and li.version == coll.version:
+            return li
+        with self._lexical_lock:
+            li = self._lexical.get(coll.id)
+            if li is None:
+                li = self._open_lexical(session, coll)
+            if li.version != coll.version:
+                largest = li.segments[0] if li.segments else None
+                li, added, removed = li.synced(
+                    self.store.chunk_ids(session, coll), lambda ids: fts_rows(session, ids), coll.version
+                )
+                log.info("BM25 index of '%s' caught up with the store: +%d -%d chunks", coll.name, added, removed)
+                if li.segments and li.segments[0] is not largest:
+                    self._save_lexical(li, coll)
+            self._lexical[coll.id] = li
+        return li
+
+    def _open_lexical(self, session: Session, coll: Collection) -> LexicalIndex:
+        spec = fts_tokenizer(session)
+        path = self.lexical_path(coll)
+        if path.exists():
+            try:
+                li = LexicalIndex.load(path)
+                if li.spec == spec:
+                    return li  # any generation will do: `synced` diffs its chunk ids with the store's
+                log.warning("BM25 index file %s was built with tokenizer '%s', the table uses '%s': rebuilding",
+                            path, li.spec, spec)
+            except StoreError as exc:
+                log.warning("%s", exc)
+        return LexicalIndex(spec)
+
+    def _save_lexical(self, li: LexicalIndex, coll: Collection) -> None:
+        path = self.lexical_path(coll)
+        # Readers write this file without the write lock; a temporary file an hour old is a killed one's.
+        for stale in path.parent.glob(path.name + "*.tmp"):
+            if stale.stat().st_mtime < time.time() - 3600:
+                stale.unlink(missing_ok=True)
+        try:
+            li.save(path)
+        except OSError as exc:  # a read-only home still searches; the next process builds again
+            log.warning("Cannot save the BM25 index to %s: %s", path, exc)
 
     # --- checking -----------------------------------------------------------------------------
 
@@ -199,6 +264,9 @@ class KnowledgeBase:
                     problems.append(f"{bad} of {len(probe)} sampled vectors in the index differ from the store")
         if self.store.is_sqlite:
             problems += self._check_lexical(session, coll, len(store_ids))
+            lex_problems, lex_notes = self._check_lexical_file(session, coll, store_ids, sample=min(sample, 32))
+            problems += lex_problems
+            notes += lex_notes
         problems += self._check_documents(session, coll)
         return CheckReport(
             collection=coll.name,
@@ -225,6 +293,38 @@ class KnowledgeBase:
         if orphans:
             out.append(f"lexical index holds {orphans} rows for chunks that no longer exist")
         return out
+
+    def _check_lexical_file(
+        self, session: Session, coll: Collection, store_ids: np.ndarray, *, sample: int
+    ) -> tuple[list[str], list[str]]:
+        """The BM25 index file against the store, as the FAISS file: version, chunk ids, sampled postings."""
+        path = self.lexical_path(coll)
+        if not path.exists():
+            return [], []
+        try:
+            li = LexicalIndex.load(path)
+        except StoreError as exc:
+            return [f"{exc}. Or rebuild it now with: moerag index rebuild"], []
+        problems, notes = [], []
+        held = li.ids
+        missing = np.setdiff1d(store_ids, held)
+        extra = np.setdiff1d(held, store_ids)
+        if li.version > coll.version:
+            problems.append(f"BM25 index file is from version {li.version}, newer than the store's {coll.version}")
+        elif li.version == coll.version and (len(missing) or len(extra)):
+            problems.append(f"BM25 index file and store are at the same version but differ: {len(missing)} chunks "
+                            f"missing from it, {len(extra)} chunks in it that the store no longer has")
+        elif li.version < coll.version:
+            notes.append(f"BM25 index file is behind the store (version {li.version} < {coll.version}); "
+                         "it is caught up on the next search")
+        common = np.intersect1d(held, store_ids)
+        if len(common):
+            probe = np.sort(np.random.default_rng(0).choice(common, size=min(sample, len(common)), replace=False))
+            bad = sum(li.postings_of(row[0]) != expected_postings(li.spec, row) for row in fts_rows(session, probe))
+            if bad:
+                problems.append(f"{bad} of {len(probe)} sampled chunks have other terms in the BM25 index file "
+                                "than in the FTS5 table. Rebuild it with: moerag index rebuild")
+        return problems, notes
 
     def _check_documents(self, session: Session, coll: Collection) -> list[str]:
         counted = (

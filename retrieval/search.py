@@ -1,4 +1,4 @@
-"""Finding evidence in a collection: dense (FAISS), lexical (FTS5 BM25) and both fused by rank.
+"""Finding evidence in a collection: dense (FAISS), lexical (BM25) and both fused by rank.
 
 Hybrid search runs both retrievers over a candidate pool of chunks and fuses them by
 reciprocal rank: score(c) = sum over retrievers of 1 / (rrf_k + rank(c)). Rank fusion needs no
@@ -8,38 +8,29 @@ score calibration between cosine similarities and BM25 values, which live on unr
 from __future__ import annotations
 
 import re
-import sqlite3
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from retrieval.bm25 import WEIGHTS as BM25_WEIGHTS
 from retrieval.errors import RetrievalError
 from retrieval.kb import KnowledgeBase
 from retrieval.store import Chunk, Collection, Document
 
 MODES = ("hybrid", "dense", "bm25")
 RRF_K = 60  # the constant from Cormack et al. (2009); robust across collections
-BM25_WEIGHTS = (2.0, 1.0, 1.0)  # title, heading, body: a title match says more than a body match
-
-# Words too common to carry meaning; dropping them from the query keeps FTS5 from ranking every
-# chunk that contains "the" (FTS5 itself has no stopword list).
+# Words too common to carry meaning: a query made only of them finds nothing rather than every chunk.
 STOPWORDS = frozenset(
     "a an and are as at be but by for from has have if in into is it its of on or such that the their then "
     "there these they this to was were will with what which who whom how why when where does do did not no "
     "can could should would may might".split()
 )
-_WORD = re.compile(r"\w+", re.UNICODE)
-# Query terms found in more than this share of all chunks are dropped: their IDF is small (< 2.2
-# of typically 6-9 for a content word), yet FTS5 must score every chunk containing them. At 100k
-# chunks a SciFact query's OR of all its words matched half the table (66 ms p50); without such
-# terms, 23 ms.
-MAX_DF = 0.10
-MIN_ROWS_TO_PRUNE = 1000  # in small collections document frequencies say little
+# Letters and digits: "_" splits words as it splits FTS5 tokens, so a word is one term.
+_WORD = re.compile(r"[^\W_]+")
 
 Embed = Callable[[Sequence[str]], np.ndarray]
 
@@ -99,13 +90,13 @@ def search(
         ranked: dict[str, list[tuple[int, float]]] = {}
         lexical = None
         if mode == "hybrid":
-            # BM25 runs in a worker thread while this one embeds the query and searches FAISS:
-            # SQLite, torch and FAISS all release the GIL (100k chunks: hybrid p50 71 -> 47 ms).
-            lexical = _WORKERS.submit(_bm25_in_own_session, kb, coll.id, query, pool, source)
+            # BM25 runs in a worker thread while this one embeds the query and searches FAISS,
+            # which release the GIL; its ~5 ms at 100k chunks then mostly hide behind them.
+            lexical = _WORKERS.submit(_bm25_in_own_session, kb, coll.id, query, pool, allowed)
         if mode in ("dense", "hybrid"):
             ranked["dense"] = dense_ids(kb, session, coll, embed([query])[0], pool, allowed=allowed)
         if mode == "bm25":
-            ranked["bm25"] = bm25_ids(kb, session, coll, query, pool, source=source)
+            ranked["bm25"] = bm25_ids(kb, session, coll, query, pool, allowed=allowed)
         if lexical is not None:
             ranked["bm25"] = lexical.result()
         fused = ranked[mode] if mode != "hybrid" else rrf(ranked.values())
@@ -123,9 +114,9 @@ def search(
 _WORKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="moerag-bm25")
 
 
-def _bm25_in_own_session(kb: KnowledgeBase, coll_id: int, query: str, k: int, source: str | None):
+def _bm25_in_own_session(kb: KnowledgeBase, coll_id: int, query: str, k: int, allowed: np.ndarray | None):
     with kb.store.session() as session:  # a session is not shared across threads
-        return bm25_ids(kb, session, session.get(Collection, coll_id), query, k, source=source)
+        return bm25_ids(kb, session, session.get(Collection, coll_id), query, k, allowed=allowed)
 
 
 def dense_ids(
@@ -139,83 +130,47 @@ def dense_ids(
 
 
 def bm25_ids(
-    kb: KnowledgeBase, session: Session, coll: Collection, query: str, k: int, *, source: str | None = None
+    kb: KnowledgeBase,
+    session: Session,
+    coll: Collection,
+    query: str,
+    k: int,
+    *,
+    source: str | None = None,
+    allowed: np.ndarray | None = None,
 ) -> list[tuple[int, float]]:
-    """BM25 top-k of one collection.
+    """BM25 top-k of one collection, exact: its in-memory index (retrieval/bm25.py) scores the
+    postings of the query's terms, with FTS5's bm25() and the weights BM25_WEIGHTS.
 
-    FTS5 ranks its matches first and only the best `pool` rows are joined to `chunks` to keep
-    this collection's (and source's). Filtering a global ranking preserves its order, so when at
-    least k rows survive they are exactly the collection's top k; otherwise the query is run
-    again with the filter applied to every match. Joining every match instead (tens of
-    thousands of rows for a common word at 100k chunks) made queries 2.3x slower.
+    `source` keeps chunks of documents whose source starts with it; `allowed` (chunk ids), when
+    the caller has them already, stands for it.
     """
     if not kb.store.is_sqlite:
         raise RetrievalError("BM25 search needs the SQLite store (FTS5). Use --mode dense with this database.")
-    match = fts_query(query, common=_common_terms(session, query))
-    if match is None:
+    words = query_words(query)
+    if not words:
         return []
-    w_title, w_heading, w_body = BM25_WEIGHTS
-    params: dict = {"q": match, "c": coll.id, "k": k, "src": _like_prefix(source) if source else None}
-    ranked = f"SELECT rowid, bm25(chunks_fts, {w_title}, {w_heading}, {w_body}) AS s FROM chunks_fts WHERE chunks_fts MATCH :q"
-    keep = (
-        "JOIN chunks c ON c.id = f.rowid JOIN documents d ON d.id = c.document_id "
-        "WHERE c.collection_id = :c AND (:src IS NULL OR d.source LIKE :src ESCAPE '\\') ORDER BY f.s LIMIT :k"
-    )
-    pool = max(1000, 10 * k)
-    rows = session.execute(text(f"SELECT f.rowid, f.s FROM ({ranked} ORDER BY s LIMIT {pool}) f {keep}"), params).all()
-    if len(rows) < k:
-        rows = session.execute(text(f"SELECT f.rowid, f.s FROM ({ranked}) f {keep}"), params).all()
-    # FTS5's bm25() is "lower is better"; negate so every retriever reports "higher is better".
-    return [(int(r[0]), -float(r[1])) for r in rows]
+    if source and allowed is None:
+        allowed = _allowed_ids(session, coll, source)
+    if allowed is not None and not len(allowed):
+        return []
+    return kb.lexical_index(session, coll).top_k(words, k, allowed=allowed)
 
 
-def fts_query(query: str, *, common: frozenset[str] = frozenset()) -> str | None:
-    """A free-text query as an FTS5 OR-query of its distinct, meaningful words (each quoted).
+def query_words(query: str) -> list[str]:
+    """The query's distinct words that carry meaning, lowercased.
 
-    Stopwords and `common` words are left out, unless nothing else would remain.
+    Stopwords are left out; so are single letters, unless nothing else remains.
     """
     words = list(dict.fromkeys(w.lower() for w in _WORD.findall(query)))
-    kept = [w for w in words if w not in STOPWORDS and w not in common and not (len(w) == 1 and w.isalpha())]
-    kept = kept or [w for w in words if w not in STOPWORDS] or words
-    if not kept:
-        return None
-    return " OR ".join('"' + w.replace('"', '""') + '"' for w in kept)
+    words = [w for w in words if w not in STOPWORDS]
+    return [w for w in words if not (len(w) == 1 and w.isalpha())] or words
 
 
-_stemmer = threading.local()
-
-
-def _stems(words: list[str]) -> list[list[str]]:
-    """Each word as the lexical index stores it: FTS5's own tokenizer, run on an in-memory table."""
-    conn = getattr(_stemmer, "conn", None)
-    if conn is None:
-        conn = _stemmer.conn = sqlite3.connect(":memory:")
-        conn.execute("CREATE VIRTUAL TABLE q USING fts5(t, tokenize = 'porter unicode61 remove_diacritics 2')")
-        conn.execute("CREATE VIRTUAL TABLE qv USING fts5vocab(q, instance)")
-    out = []
-    for w in words:
-        conn.execute("DELETE FROM q")
-        conn.execute("INSERT INTO q(t) VALUES (?)", (w,))
-        out.append([r[0] for r in conn.execute("SELECT term FROM qv")])
-    return out
-
-
-def _common_terms(session: Session, query: str) -> frozenset[str]:
-    """The query's words that occur in more than MAX_DF of the lexical index's rows."""
-    words = [w for w in dict.fromkeys(w.lower() for w in _WORD.findall(query)) if w not in STOPWORDS]
-    if not words:
-        return frozenset()
-    rows = session.scalar(text("SELECT count(*) FROM chunks")) or 0  # = rows of the lexical index
-    if rows < MIN_ROWS_TO_PRUNE:
-        return frozenset()
-    stems = _stems(words)
-    flat = sorted({s for ss in stems for s in ss})
-    if not flat:
-        return frozenset()
-    marks = ", ".join(f":t{i}" for i in range(len(flat)))
-    df = dict(session.execute(text(f"SELECT term, doc FROM chunks_fts_vocab WHERE term IN ({marks})"),
-                              {f"t{i}": t for i, t in enumerate(flat)}).all())
-    return frozenset(w for w, ss in zip(words, stems) if ss and all(df.get(t, 0) > MAX_DF * rows for t in ss))
+def fts_query(query: str) -> str | None:
+    """The same words as an FTS5 OR-query (each quoted), for running a query on the table itself."""
+    words = query_words(query)
+    return " OR ".join('"' + w.replace('"', '""') + '"' for w in words) if words else None
 
 
 def rrf(rankings, *, k: int = RRF_K) -> list[tuple[int, float]]:
