@@ -14,10 +14,8 @@ the store's say exactly what to add and drop, as for the FAISS index.
 from __future__ import annotations
 
 import math
-import os
 import re
 import sqlite3
-import tempfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
@@ -30,6 +28,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from retrieval.errors import StoreError
+from retrieval.index import write_npz_atomically
 
 K1, B = 1.2, 0.75  # FTS5's bm25() constants
 FIELDS = ("title", "heading", "body")
@@ -394,7 +393,6 @@ class LexicalIndex:
 
     def save(self, path: Path) -> None:
         """Write atomically: a temporary file in the same folder, fsynced, renamed over `path`."""
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays: dict[str, np.ndarray] = {
             "meta": np.array([FORMAT, self.version, len(self.segments)], np.int64),
             "spec": np.frombuffer(self.spec.encode(), np.uint8),
@@ -405,16 +403,7 @@ class LexicalIndex:
             arrays.update({f"{name}_{i}": getattr(s, name) for name in ("ids", "lengths", "ptr", "docs", "tf")})
             if s.alive is not None:
                 arrays[f"alive_{i}"] = s.alive
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_npz_atomically(path, arrays)
 
     @classmethod
     def load(cls, path: Path) -> LexicalIndex:

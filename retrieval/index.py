@@ -137,22 +137,11 @@ class VectorIndex:
     def save(self, path: Path) -> None:
         """Write atomically: a temporary file in the same folder, fsynced, renamed over `path`."""
         assert self.index is not None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(
-                    fh,
-                    index=faiss.serialize_index(self.index),
-                    ids=self.ids,
-                    meta=np.array([self.version, self.dim, self.trained_on], dtype=np.int64),
-                )
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_npz_atomically(path, {
+            "index": faiss.serialize_index(self.index),
+            "ids": self.ids,
+            "meta": np.array([self.version, self.dim, self.trained_on], dtype=np.int64),
+        })
 
     @classmethod
     def load(cls, path: Path, params: IndexParams) -> VectorIndex:
@@ -174,3 +163,19 @@ class VectorIndex:
         if not len(ids):
             return np.zeros((0, self.dim), np.float32)
         return np.stack([self.index.reconstruct(int(i)) for i in ids])  # [n, D]
+
+
+def write_npz_atomically(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays to `path` (.npz) so that readers see the old file or the new one, never half:
+    a temporary file beside it, fsynced, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
