@@ -107,26 +107,36 @@ def prefill_flops(tokens: int) -> float:
 
 
 @torch.inference_mode()
-def engine_decode(model: engine.Model, prompt: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode tokens/s) with the engine's KV cache."""
+def engine_decode(model: engine.Model, prompt: torch.Tensor, new_tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """(prefill seconds, decode tokens/s) with the engine's KV cache, best of `repeats`.
+
+    Best of several: this is a shared VM whose neighbours move single runs by +-30 %.
+    """
     net = model.net
-    cache = net.new_cache(1, prompt.numel() + new_tokens + 1)
-    start = time.perf_counter()
-    logits = net(prompt[None], cache, 0, last_only=True)
-    prefill = time.perf_counter() - start
-    token = logits[:, -1].argmax(-1, keepdim=True)
-    start = time.perf_counter()
-    for step in range(new_tokens):
-        token = net(token, cache, prompt.numel() + step, last_only=True)[:, -1].argmax(-1, keepdim=True)
-    return prefill, new_tokens / (time.perf_counter() - start)
+    best_prefill, best_tps = float("inf"), 0.0
+    for _ in range(repeats):
+        cache = net.new_cache(1, prompt.numel() + new_tokens + 1)
+        start = time.perf_counter()
+        logits = net(prompt[None], cache, 0, last_only=True)
+        best_prefill = min(best_prefill, time.perf_counter() - start)
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for step in range(new_tokens):
+            token = net(token, cache, prompt.numel() + step, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        best_tps = max(best_tps, new_tokens / (time.perf_counter() - start))
+    return best_prefill, best_tps
 
 
 @torch.inference_mode()
-def engine_prefill(model: engine.Model, tokens: int) -> float:
+def engine_prefill(model: engine.Model, tokens: int, repeats: int = 2) -> float:
+    """Prefill tokens/s, best of `repeats`."""
     prompt = torch.randint(0, BENCH_CONFIG["vocab_size"], (1, tokens))
-    start = time.perf_counter()
-    model.net(prompt, None, 0, last_only=True)
-    return tokens / (time.perf_counter() - start)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.net(prompt, None, 0, last_only=True)
+        best = min(best, time.perf_counter() - start)
+    return tokens / best
 
 
 @torch.inference_mode()
@@ -144,15 +154,31 @@ def transformers_decode(directory: Path, prompt: torch.Tensor, new_tokens: int) 
     return one, new_tokens / max(many - one, 1e-9)
 
 
+def _warm_up() -> None:
+    """Run the loader's kinds of ops on tiny tensors, so what torch sets up once per process
+    counts as the baseline, not as loading: measured here, the first nn.Embedding built even on
+    the meta device raises RSS by 0.15 GiB, whatever its size (a one-time lazy initialization)."""
+    from engine.qmatmul import dequantize, quantize_int4, quantize_int8
+
+    with torch.device("meta"):
+        torch.nn.Embedding(8, 8)
+    w = torch.randn(256, 256)
+    w.to(torch.bfloat16).float() @ w
+    dequantize(*quantize_int4(w, 128))
+    dequantize(*quantize_int8(w))
+
+
 def measure_load(directory: Path, scheme: str) -> None:
     """(Child process) load with `scheme` in bf16 and print RSS figures as one JSON line."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # torch + engine imported
+    imported = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # torch + engine imported
+    _warm_up()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     model = engine.load_model(directory, dtype=torch.bfloat16, quantize=None if scheme == "none" else scheme)
     seconds = time.perf_counter() - start
     tensors = {t.untyped_storage().data_ptr(): t.nbytes for t in [*model.net.parameters(), *model.net.buffers()]}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"before": before, "peak": peak, "size": sum(tensors.values()), "seconds": seconds}))
+    print(json.dumps({"imported": imported, "before": before, "peak": peak, "size": sum(tensors.values()), "seconds": seconds}))
 
 
 def load_memory(directory: Path, schemes: list[str]) -> None:
@@ -160,8 +186,8 @@ def load_memory(directory: Path, schemes: list[str]) -> None:
     checkpoint = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
     print(f"\ncheckpoint on disk: {checkpoint / 2**30:.2f} GiB (fp32); loading in bf16, one fresh process each")
     print(
-        f"{'scheme':8} {'model size':>11} {'peak RSS':>9} {'RSS before':>11} {'peak/size':>10} "
-        f"{'(peak-before)/size':>19} {'load s':>7}"
+        f"{'scheme':8} {'model size':>11} {'peak RSS':>9} {'imported':>9} {'warmed up':>10} {'peak/size':>10} "
+        f"{'(peak-warm)/size':>17} {'load s':>7}"
     )
     for scheme in schemes:
         cmd = [sys.executable, __file__, "--dir", str(directory), "--measure-load", scheme]
@@ -169,8 +195,9 @@ def load_memory(directory: Path, schemes: list[str]) -> None:
         r = json.loads(out)
         gib = 2**30
         print(
-            f"{scheme:8} {r['size'] / gib:9.2f} G {r['peak'] / gib:7.2f} G {r['before'] / gib:9.2f} G "
-            f"{r['peak'] / r['size']:10.2f} {(r['peak'] - r['before']) / r['size']:19.2f} {r['seconds']:7.1f}"
+            f"{scheme:8} {r['size'] / gib:9.2f} G {r['peak'] / gib:7.2f} G {r['imported'] / gib:7.2f} G "
+            f"{r['before'] / gib:8.2f} G {r['peak'] / r['size']:10.2f} {(r['peak'] - r['before']) / r['size']:17.2f} "
+            f"{r['seconds']:7.1f}"
         )
 
 

@@ -64,9 +64,16 @@ class CausalLM(nn.Module):
         self.rope = rope  # a plain object: its tables are derived from config.json, not loaded
         self.max_position_embeddings = max_position_embeddings
 
-    def new_cache(self, batch: int, max_len: int) -> list[LayerCache]:
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' dtype: the weights' one, except fp32 on CPU, which has no bf16/fp16
+        arithmetic (bf16 activations would only add a conversion around every product)."""
         weight = self.model.embed_tokens.weight
-        return [block.self_attn.new_cache(batch, max_len, weight.dtype, weight.device) for block in self.model.layers]
+        return torch.float32 if weight.device.type == "cpu" else weight.dtype
+
+    def new_cache(self, batch: int, max_len: int) -> list[LayerCache]:
+        device = self.model.embed_tokens.weight.device
+        return [block.self_attn.new_cache(batch, max_len, self.compute_dtype, device) for block in self.model.layers]
 
     def forward(
         self,
@@ -77,7 +84,7 @@ class CausalLM(nn.Module):
         last_only: bool = False,
     ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] in the model dtype ([B, 1, V] with `last_only`)."""
-        x = self.model.embed_tokens(tokens)  # [B, T, H]
+        x = self.model.embed_tokens(tokens).to(self.compute_dtype)  # [B, T, H]
         positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)  # [T]
         cos, sin = self.rope.cos_sin(positions, x.dtype)  # [T, D] each
         for i, block in enumerate(self.model.layers):

@@ -14,27 +14,18 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from engine import native
 from engine.errors import EngineError
-from engine.qmatmul import int4_matmul, int8_matmul
+from engine.qmatmul import SMALL_M, matmul
 
 ExpertsFn = Callable[..., torch.Tensor]
-
-
-def _matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """x [n, K] @ w [N, K]^T. With `scale`: int8 w and per-row scale [N], or int4 w (uint8,
-    see qmatmul.int4_matmul) and scale_zero [G, N, 2]."""
-    if scale is None:
-        return x @ w.T  # [n, N]
-    if w.dtype == torch.uint8:
-        return int4_matmul(x, w, scale)  # [n, N]
-    return int8_matmul(x, w, scale)  # [n, N]
 
 
 def _expert_mlp(
     x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: torch.Tensor | None, s2: torch.Tensor | None
 ) -> torch.Tensor:
-    gate, up = _matmul(x, w13, s13).chunk(2, dim=-1)  # [n, I] each
-    return _matmul(F.silu(gate) * up, w2, s2)  # [n, H]
+    gate, up = matmul(x, w13, s13).chunk(2, dim=-1)  # [n, I] each
+    return matmul(F.silu(gate) * up, w2, s2)  # [n, H]
 
 
 def reference(
@@ -50,7 +41,7 @@ def reference(
     """Plain torch, one expert at a time over every expert: the readable definition.
 
     With int8 experts, w13_scale [E, 2I] and w2_scale [E, H] are their per-channel scales; with
-    int4 experts (uint8 weights) they are group scales and zeros [E, G, N, 2].
+    int4 experts (packed uint8 weights) they are group scales and zeros [E, N, G, 2] (see qmatmul).
     """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
     for e in range(w13.shape[0]):
@@ -74,10 +65,13 @@ def cpu_sorted(
 ) -> torch.Tensor:
     """Sort the T*K slots by expert once, then run only the experts that received tokens.
 
-    One host sync (the per-expert counts) per call, which is free on CPU; each active expert
-    sees one contiguous block of rows, so its weights are streamed from memory exactly once.
+    A few tokens (decode) go to the native kernel in one call; otherwise one host sync (the
+    per-expert counts), which is free on CPU, and each active expert sees one contiguous block
+    of rows, so its weights are streamed from memory exactly once.
     """
     t, k = ids.shape
+    if x.device.type == "cpu" and t <= SMALL_M and native.available():
+        return native.moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale).to(x.dtype)
     flat = ids.reshape(-1)  # [T*K]
     order = torch.argsort(flat, stable=True)  # [T*K]
     counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()  # E ints
@@ -112,7 +106,7 @@ def triton_fused(
 
     if w13.dtype == torch.uint8:
         raise EngineError(
-            "int4 experts are packed for the CPU kernel; the triton backend reads its own int4 layout "
+            "int4 experts are packed for the CPU kernels; the triton backend reads its own int4 layout "
             "(kernels.quantize_int4). Use experts_backend='cpu' or int8 for now."
         )
     quant = "int8" if w13_scale is not None else None

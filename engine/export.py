@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.errors import EngineError
-from engine.loader import QUANTIZATION_KEY
+from engine.loader import QUANTIZATION_KEY, QUANTIZATION_LAYOUT
 from engine.model import Model, load_model
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def write_checkpoint(model: Model, dst: str | Path, *, shard_bytes: int = SHARD_
     metadata = {"format": "pt"}
     config = dict(model.config)
     if model.quantization is not None:
-        section = {**model.quantization, "targets": list(model.quantization["targets"])}
+        section = {**model.quantization, "targets": list(model.quantization["targets"]), "layout": QUANTIZATION_LAYOUT}
         config[QUANTIZATION_KEY] = section
         metadata[QUANTIZATION_KEY] = json.dumps(section)
     shards = _shards(model.net.state_dict(), shard_bytes)

@@ -297,11 +297,6 @@ def load_model(
         check_scheme(quantize, group_size=group_size)
         quantization = {"scheme": quantize, "group_size": group_size, "targets": TARGETS}
         transform = partial(quantize_modules, scheme=quantize, group_size=group_size)
-        if quantize == "int8" and dtype == torch.float32:
-            log.warning(
-                "int8 weights with float32 activations run on a slow path (torch's fused int8 CPU kernel "
-                "is fast only for bfloat16); load with dtype=torch.bfloat16 for speed"
-            )
     loaded = load_checkpoint(path_or_id, dtype=dtype, device=device, transform=transform)
     if loaded.quantization is not None:
         stored = loaded.quantization

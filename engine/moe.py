@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from engine.experts import EXPERT_BACKENDS
+from engine.qmatmul import matmul
 from engine.routing import sigmoid_grouped_topk, softmax_topk
 
 
@@ -34,7 +35,7 @@ class SoftmaxRouter(nn.Module):
         self.top_k, self.renormalize = top_k, renormalize
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = x @ self.weight.T  # [T, E]
+        logits = matmul(x, self.weight)  # [T, E]
         return softmax_topk(logits, self.top_k, renormalize=self.renormalize)
 
 
@@ -59,7 +60,7 @@ class SigmoidGroupRouter(nn.Module):
         self.renormalize, self.scaling = renormalize, scaling
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = x.float() @ self.weight.float().T  # [T, E]; fp32 as the reference does
+        logits = matmul(x.float(), self.weight)  # [T, E]; fp32 as the reference does
         return sigmoid_grouped_topk(
             logits,
             self.top_k,

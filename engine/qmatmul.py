@@ -1,14 +1,24 @@
-"""int8 weight-only matmul: per-output-channel quantization and the CPU product that uses it.
+"""Weight-only int8 / int4 quantization, and the products x @ W^T the engine runs on every weight.
 
-Shapes: M rows of activations, N outputs, K inputs.
+Shapes: M rows of activations, N outputs, K inputs, G = K / group groups; leading dims (stacked
+experts [E, N, K]) are carried through. Layouts, shared with engine/native.c:
+  int8  q [.., N, K] int8, scales [.., N] fp32; w = q * scale (per output channel).
+  int4  packed [.., N, K/2] uint8 in chunks of 32 weights (byte j: weight j in the low nibble,
+        weight 16 + j in the high one), scale_zero [.., N, G, 2] bf16; w = (q - 8) * scale + zero.
+`matmul` runs decode-sized products (M <= SMALL_M) on CPU in the native kernels, which read each
+weight once; larger ones (prefill) dequantize to fp32 and use torch's GEMM: this CPU has no bf16
+or int8 matrix instructions, and fp32 GEMM is the fastest it has.
 """
 
 from __future__ import annotations
 
 import torch
 
+from engine import native
 
 CHUNK_ELEMENTS = 1 << 22  # rows are quantized in slices of ~16 MB of fp32 temporaries
+SMALL_M = 16  # rows of activations up to which the native kernels beat dequantize + GEMM
+INT4_GROUPS = (32, 64, 128, 256)  # multiples of the 32-weight chunk
 
 
 def _row_chunks(rows: int, k: int) -> list[slice]:
@@ -25,76 +35,73 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = w.reshape(-1, w.shape[-1])  # [R, K]
     q = torch.empty(rows.shape, dtype=torch.int8, device=w.device)
     scales = torch.empty(rows.shape[0], dtype=torch.float32, device=w.device)
-    for part in [slice(None)] if w.is_meta else _row_chunks(*rows.shape):
+    for part in [] if w.is_meta else _row_chunks(*rows.shape):
         w32 = rows[part].float()  # [r, K]
         scales[part] = (w32.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)  # [r]
         q[part] = torch.round(w32 / scales[part, None]).clamp(-127, 127)
     return q.view(w.shape), scales.view(w.shape[:-1])
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ (q [N, K] * scales [N])^T -> [M, N] in x's dtype.
-
-    torch's fused CPU kernel (`_weight_int8pack_mm`) is used for bf16 activations when K is a
-    multiple of 32: measured here, it returns wrong values for K = 24 and NaN for K = 8, and
-    crashed for K = 13. Elsewhere the scale is applied after a plain matmul (same result).
-    """
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu" and q.shape[-1] % 32 == 0:
-        return torch._weight_int8pack_mm(x.contiguous(), q, scales.to(x.dtype))
-    return (x @ q.to(x.dtype).T) * scales.to(x.dtype)  # [M, N]
-
-
-INT4_GROUPS = (32, 64, 128, 256)  # the group sizes torch's int4 CPU kernel accepts
-
-
 def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] float -> (q [N, K] int32 in 0..15, scale_zero [K/group, N, 2] fp32).
+    """w [..., N, K] float -> (packed [..., N, K/2] uint8, scale_zero [..., N, K/group, 2] bf16).
 
-    Asymmetric per group of `group` inputs: w ~= (q - 8) * scale + zero, with zero = min + 8 * scale
-    (the layout torch's int4 CPU kernel reads). K must be a multiple of `group`.
+    Asymmetric per group of `group` inputs: scale = (max - min) / 15, zero = min + 8 * scale,
+    q = round((w - min) / scale). Done a slice of rows at a time straight into the packed
+    tensors, so quantizing a stacked expert tensor needs only ~16 MB of temporaries.
+    K must be a multiple of `group`, itself a multiple of 32.
     """
-    n, k = w.shape
-    q = torch.empty((n, k // group, group), dtype=torch.int32, device=w.device)  # [N, G, g]
-    scale_zero = torch.empty((n, k // group, 2), dtype=torch.float32, device=w.device)  # [N, G, 2]
-    for part in [slice(None)] if w.is_meta else _row_chunks(n, k):  # rows in slices, as in int8
-        wg = w[part].float().view(-1, k // group, group)  # [r, G, g]
+    k = w.shape[-1]
+    rows = w.reshape(-1, k)  # [R, K]
+    packed = torch.empty((rows.shape[0], k // 2), dtype=torch.uint8, device=w.device)  # [R, K/2]
+    scale_zero = torch.empty((rows.shape[0], k // group, 2), dtype=torch.bfloat16, device=w.device)  # [R, G, 2]
+    for part in [] if w.is_meta else _row_chunks(*rows.shape):
+        wg = rows[part].float().view(-1, k // group, group)  # [r, G, g]
         low, high = wg.amin(dim=-1), wg.amax(dim=-1)  # [r, G]
         scale = ((high - low) / 15).clamp(min=1e-12)  # [r, G]
-        q[part] = torch.round((wg - low[..., None]) / scale[..., None]).clamp(0, 15)
+        q = torch.round((wg - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)  # [r, G, g]
+        packed[part] = pack_int4(q.view(-1, k))
         scale_zero[part] = torch.stack([scale, low + 8 * scale], dim=-1)
-    return q.view(n, k), scale_zero.transpose(0, 1).contiguous()  # [N, K], [G, N, 2]
-
-
-def dequantize_int4(q: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
-    """q [N, K] (0..15), scale_zero [G, N, 2] -> w [N, K] fp32."""
-    n, k = q.shape
-    groups = scale_zero.shape[0]
-    scale, zero = scale_zero[..., 0].T.float(), scale_zero[..., 1].T.float()  # [N, G] each
-    wg = (q.view(n, groups, k // groups).float() - 8) * scale[..., None] + zero[..., None]  # [N, G, g]
-    return wg.view(n, k)
-
-
-def int4_fused_ok(n: int, k: int, group: int) -> bool:
-    """Whether torch's int4 CPU kernel takes this shape (it raises for N % 16 != 0)."""
-    return n % 16 == 0 and k % group == 0 and group in INT4_GROUPS
+    return packed.view(*w.shape[:-1], k // 2), scale_zero.view(*w.shape[:-1], k // group, 2)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q [N, K] int32 (0..15) -> the kernel's packed layout [N, K/2] uint8."""
-    return torch._convert_weight_to_int4pack_for_cpu(q, 8)
+    """q [..., K] (0..15) -> [..., K/2] uint8: in each chunk of 32, byte j = q[j] | q[16 + j] << 4."""
+    halves = q.to(torch.uint8).reshape(*q.shape[:-1], q.shape[-1] // 32, 2, 16)  # [..., K/32, 2, 16]
+    return (halves[..., 0, :] | (halves[..., 1, :] << 4)).reshape(*q.shape[:-1], q.shape[-1] // 2)
 
 
-def int4_matmul(x: torch.Tensor, w: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ dequant(w)^T -> [M, N] in x's dtype.
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., K/2] uint8 -> q [..., K] uint8 (0..15); the inverse of pack_int4."""
+    chunks = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 16, 1, 16)  # [..., K/32, 1, 16]
+    return torch.cat([chunks & 15, chunks >> 4], dim=-2).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
-    w is either packed [N, K/2] uint8 (fused kernel) or plain [N, K] uint8 (shapes the kernel
-    refuses). The fused kernel is fast only with bf16 activations (measured: ~30 us vs ~6 ms for
-    a 768x1024 weight in fp32), so activations are rounded to bf16 for it; that error is far
-    below int4's own.
-    """
-    k = x.shape[-1]
-    if w.shape[-1] * 2 == k:  # packed
-        groups = scale_zero.shape[0]
-        y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), w, k // groups, scale_zero)
-        return y.to(x.dtype)
-    return x @ dequantize_int4(w, scale_zero).to(x.dtype).T  # [M, N]
+
+def dequantize_reference(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Any weight layout above -> fp32 [..., N, K], in plain torch."""
+    if scale is None:
+        return w.float()
+    if w.dtype == torch.int8:
+        return w.float() * scale.float()[..., None]
+    q = unpack_int4(w).float()  # [..., N, K]
+    groups = scale.shape[-2]
+    s, z = scale[..., 0].float(), scale[..., 1].float()  # [..., N, G]
+    wg = (q.view(*q.shape[:-1], groups, -1) - 8) * s[..., None] + z[..., None]  # [..., N, G, g]
+    return wg.view(q.shape)
+
+
+def dequantize(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A weight [N, K..] -> fp32 [N, K]: the native kernel on CPU, else plain torch."""
+    if w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() and native.available():
+        return native.dequantize(w, scale)
+    return dequantize_reference(w, scale)
+
+
+def matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, N] in x's dtype, for any layout above (float weights: scale None)."""
+    if x.device.type != "cpu":
+        return x @ (w if scale is None else dequantize(w, scale).to(x.dtype)).T
+    if x.shape[0] <= SMALL_M and w.is_contiguous() and native.available():
+        return native.gemv(x.float(), w, scale).to(x.dtype)  # [M, N]
+    if scale is None and w.dtype == x.dtype == torch.float32:
+        return x @ w.T
+    return (x.float() @ dequantize(w, scale).T).to(x.dtype)  # [M, N]

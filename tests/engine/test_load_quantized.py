@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 import engine
 from engine.export import quantize_checkpoint
-from engine.loader import load_checkpoint
+from engine.loader import QUANTIZATION_LAYOUT, load_checkpoint
 from engine.quantize import TARGETS, quantize_modules
 from tests.engine.checkpoints import INIT, VOCAB, save
 
@@ -69,10 +69,11 @@ def test_loading_with_quantize_holds_one_float_layer_at_a_time(deep_checkpoint: 
     layer_bytes = sum(p.nbytes for p in float_model.model.layers[0].parameters())
     whole_bytes = sum(p.nbytes for p in float_model.parameters())
     outside_bytes = whole_bytes - LAYERS * layer_bytes  # embeddings, head, final norm
-    assert len(peaks) == LAYERS + 1  # each layer, then the whole model (for the head)
+    assert len(peaks) == LAYERS + 2  # the head (before any layer), each layer, then the whole model
+    layers = peaks[1 : LAYERS + 1]
     # Growing by one layer's scales at most, never by a layer's float weights.
-    assert max(peaks[:LAYERS]) < outside_bytes + 1.2 * layer_bytes
-    assert peaks[LAYERS - 1] - peaks[0] < 0.2 * layer_bytes
+    assert max(layers) < outside_bytes + 1.2 * layer_bytes
+    assert layers[-1] - layers[0] < 0.2 * layer_bytes
     assert max(peaks) < 0.6 * whole_bytes  # loading then quantizing would hold all of it
     assert not any(p.dtype.is_floating_point and p.dim() == 3 for p in loaded.net.model.layers.parameters())
 
@@ -106,7 +107,9 @@ def test_quantized_checkpoint_loads_as_stored(
     assert loaded.quantization is not None and loaded.quantization["scheme"] == scheme
 
     config = json.loads((tmp_path / "q" / "config.json").read_text())
-    assert config["moerag_quantization"] == {"scheme": scheme, "group_size": group, "targets": list(TARGETS)}
+    assert config["moerag_quantization"] == {
+        "scheme": scheme, "group_size": group, "targets": list(TARGETS), "layout": QUANTIZATION_LAYOUT
+    }
     with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["moerag_quantization"])["scheme"] == scheme
     assert (tmp_path / "q" / "generation_config.json").is_file()

@@ -1,0 +1,636 @@
+/* moerag's CPU kernels for decode: small-M products with float, int8 and int4 weights, and the
+ * whole mixture-of-experts step of a few tokens in one call.
+ *
+ * Why C: at decode every weight is read once per token, so the step is bound by memory
+ * bandwidth, and torch spends more time dispatching ~1000 tiny ops per token (and its int4 CPU
+ * kernel reads only ~5 GB/s at M = 1) than reading the weights. One call per layer keeps both
+ * cores streaming weights. Built by engine/native.py with the system C compiler, loaded with
+ * ctypes.
+ *
+ * Shapes: M rows of activations (tokens), N outputs, K inputs; T tokens, S = T*TOPK slots,
+ * H hidden, I expert width. Weights are row-major [N, K], one row per output:
+ *   F32  float[N][K]
+ *   BF16 uint16[N][K]                       (bf16 bit patterns)
+ *   I8   int8[N][K], scale float[N]          w = q * scale[n]
+ *   I4   uint8[N][K/2], scale bf16[N][K/G][2] = (s, z)   w = (q - 8) * s + z
+ *        Packed in chunks of 32 weights (16 bytes): byte j holds weight j in its low nibble
+ *        and weight 16 + j in its high nibble. G (the group) is a multiple of 32.
+ * Activations are fp32. With int4 weights they are rounded to int8 per chunk of 32 (one
+ * scale each, as llama.cpp's Q8_0) so the inner product runs on integer SIMD: ~0.4 % error
+ * per element, far below int4's own. The sum over the TOPK slots is fp32.
+ */
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__) && !defined(MOERAG_SCALAR)
+#include <immintrin.h>
+#define MOERAG_AVX2 1
+#else
+#define MOERAG_AVX2 0
+#endif
+
+enum { F32 = 0, BF16 = 1, I8 = 2, I4 = 3 };
+
+int moerag_simd(void) { return MOERAG_AVX2; }
+
+/* parallel_for(n, body, ctx) splits [0, n) into one static slice per thread, on torch's own
+ * OpenMP runtime (the same libgomp.so.1, which torch loads first): a second pool of spinning
+ * threads would fight torch's for the cores (measured: 40x slower on 2 cores). */
+typedef void (*Body)(void *ctx, int64_t begin, int64_t end);
+
+static int moerag_threads = 1;
+
+static void parallel_for(int64_t n, Body body, void *ctx) {
+    if (moerag_threads == 1 || n < 2) {
+        body(ctx, 0, n);
+        return;
+    }
+#pragma omp parallel num_threads(moerag_threads)
+    {
+        int64_t parts = omp_get_num_threads(), part = omp_get_thread_num();
+        int64_t begin = n * part / parts, end = n * (part + 1) / parts;
+        if (begin < end) body(ctx, begin, end);
+    }
+}
+
+/* Threads for every loop here (set from Python). */
+void moerag_set_threads(int n) { moerag_threads = n < 1 ? 1 : n; }
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* One activation row, prepared for the weight format (by act_prepare). */
+typedef struct {
+    const float *f; /* [K] as given */
+    float *even;    /* BF16: [K] each block of 16 as its 8 even then its 8 odd elements */
+    int16_t *q16;   /* I8: [K] int16, one scale per chunk of 32 */
+    int8_t *q8;     /* I4: [K] int8, chunk pairs interleaved (see q8_pos), one scale per group */
+    float *qs;      /* I8: [K/32] scale of each chunk; I4: [K/G] scale of each group */
+    float *sum;     /* I4: [K/G] sum of f over each group */
+} Act;
+
+/* Position of weight j (0..31) of chunk c in the int8 activation row: chunks are paired
+ * (c, c+1) into 64 bytes [c 0..15 | c+1 0..15 | c 16..31 | c+1 16..31], so one 32-byte load
+ * of packed weights (low nibbles: both chunks' 0..15) meets one 32-byte load of activations.
+ * A last unpaired chunk keeps its natural order. */
+static inline int64_t q8_pos(int64_t c, int64_t j, int64_t chunks) {
+    if ((chunks & 1) && c == chunks - 1) return 32 * c + j;
+    return 64 * (c / 2) + (j / 16) * 32 + (c % 2) * 16 + (j % 16);
+}
+
+static void act_prepare(Act *a, const float *x, int fmt, int64_t k, int64_t group) {
+    a->f = x;
+    if (fmt == BF16) {
+        int64_t i = 0;
+        for (; i + 16 <= k; i += 16)
+            for (int j = 0; j < 8; j++) {
+                a->even[i + j] = x[i + 2 * j];
+                a->even[i + 8 + j] = x[i + 2 * j + 1];
+            }
+        for (; i < k; i++) a->even[i] = x[i];
+    } else if (fmt == I8) {
+        for (int64_t c = 0; c < k / 32; c++) {
+            float amax = 0.f;
+            for (int j = 0; j < 32; j++) amax = fmaxf(amax, fabsf(x[32 * c + j]));
+            float inv = amax > 0.f ? 32767.f / amax : 0.f;
+            a->qs[c] = amax / 32767.f;
+            for (int j = 0; j < 32; j++) a->q16[32 * c + j] = (int16_t)lrintf(x[32 * c + j] * inv);
+        }
+    } else if (fmt == I4) {
+        int64_t chunks = k / 32;
+        for (int64_t g = 0; g < k / group; g++) { /* one int8 scale per weight group */
+            const float *xg = x + g * group;
+            float amax = 0.f, sum = 0.f;
+            for (int64_t j = 0; j < group; j++) {
+                amax = fmaxf(amax, fabsf(xg[j]));
+                sum += xg[j];
+            }
+            float inv = amax > 0.f ? 127.f / amax : 0.f;
+            a->qs[g] = amax / 127.f;
+            a->sum[g] = sum;
+            for (int64_t j = 0; j < group; j++) {
+                int64_t c = (g * group + j) / 32;
+                a->q8[q8_pos(c, j % 32, chunks)] = (int8_t)lrintf(xg[j] * inv);
+            }
+        }
+    }
+}
+
+#if MOERAG_AVX2
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+static float dot_f32(const float *w, const float *x, int64_t k) {
+    int64_t i = 0;
+    float tail = 0.f;
+#if MOERAG_AVX2
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 32 <= k; i += 32) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= k; i += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    tail = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; i < k; i++) tail += w[i] * x[i];
+    return tail;
+}
+
+/* bf16 weights: a 32-byte load holds 16 weights; shifting each 32-bit lane left by 16 gives
+ * the even ones as fp32, masking off the low half gives the odd ones (no shuffles), which meet
+ * the activations prepared as even/odd halves. */
+static float dot_bf16(const uint16_t *w, const Act *a, int64_t k) {
+    int64_t i = 0;
+    float tail = 0.f;
+#if MOERAG_AVX2
+    const float *x = a->even;
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; i + 32 <= k; i += 32) {
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + i));
+        __m256i v1 = _mm256_loadu_si256((const __m256i *)(w + i + 16));
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v1, 16)), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v1, high)), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 16 <= k; i += 16) {
+        __m256i v0 = _mm256_loadu_si256((const __m256i *)(w + i));
+        a0 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v0, 16)), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v0, high)), _mm256_loadu_ps(x + i + 8), a1);
+    }
+    tail = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+#endif
+    for (; i < k; i++) tail += bf16_to_f32(w[i]) * a->f[i];
+    return tail;
+}
+
+/* int8 weights meet int16 activations (one scale per chunk of 32: ~0.002 % error, so the
+ * product is as exact as weight-only int8): 16 products per madd instead of 8 conversions. */
+static float dot_i8(const int8_t *w, const Act *a, int64_t k) {
+    int64_t c = 0, chunks = k / 32;
+    float tail = 0.f;
+#if MOERAG_AVX2
+    __m256 acc = _mm256_setzero_ps();
+    for (; c < chunks; c++) {
+        const int8_t *wc = w + 32 * c;
+        const int16_t *xc = a->q16 + 32 * c;
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wc));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + 16)));
+        __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xc)),
+                                     _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xc + 16))));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(a->qs[c]), acc);
+    }
+    tail = hsum8(acc);
+#endif
+    for (int64_t i = 32 * c; i < k; i++) tail += (float)w[i] * a->f[i];
+    return tail;
+}
+
+#if MOERAG_AVX2
+/* Two chunks (c, c+1) of packed int4 against their int8 activations: 16 int16 sums of 4
+ * products each ([c x8 | c+1 x8]), at most 4 * 15 * 127 = 7620. */
+static inline __m256i i4_pair(const uint8_t *q, const int8_t *x) {
+    const __m256i nib = _mm256_set1_epi8(0x0F);
+    __m256i b = _mm256_loadu_si256((const __m256i *)q);
+    __m256i lo = _mm256_and_si256(b, nib), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+    return _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)x)),
+                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(x + 32))));
+}
+#endif
+
+/* Activations carry one int8 scale per weight group, so a group's products add up in int16
+ * (<= 4 pairs = 30480 for G <= 256) and are scaled once: w = (q - 8) s + z gives
+ * sum_g s_g xs_g sum(q xq) + (z_g - 8 s_g) sum(x). */
+static float dot_i4(const uint8_t *q, const uint16_t *sz, int64_t k, int64_t group, const Act *a) {
+    int64_t chunks = k / 32, groups = k / group;
+    float offset = 0.f;
+    for (int64_t g = 0; g < groups; g++) {
+        float s = bf16_to_f32(sz[2 * g]), z = bf16_to_f32(sz[2 * g + 1]);
+        offset += (z - 8.f * s) * a->sum[g];
+    }
+#if MOERAG_AVX2
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t c = 0;
+    if (group >= 64) { /* both chunks of a pair share their group's scale */
+        for (int64_t g = 0; g < groups; g++) {
+            __m256i sum16 = _mm256_setzero_si256();
+            for (int64_t end = c + group / 32; c < end; c += 2)
+                sum16 = _mm256_add_epi16(sum16, i4_pair(q + 16 * c, a->q8 + 32 * c));
+            __m256 scale = _mm256_set1_ps(bf16_to_f32(sz[2 * g]) * a->qs[g]);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones)), scale, acc);
+        }
+    } else { /* group 32: one scale per chunk, lanes [c | c+1] */
+        for (; c + 1 < chunks; c += 2) {
+            __m256 scale = _mm256_set_m128(_mm_set1_ps(bf16_to_f32(sz[2 * c + 2]) * a->qs[c + 1]),
+                                           _mm_set1_ps(bf16_to_f32(sz[2 * c]) * a->qs[c]));
+            __m256i p = _mm256_madd_epi16(i4_pair(q + 16 * c, a->q8 + 32 * c), ones);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc);
+        }
+    }
+    float total = hsum8(acc) + offset;
+    if (c < chunks) { /* one unpaired chunk (group 32, odd chunk count), natural order */
+        const __m128i nib = _mm_set1_epi8(0x0F), one = _mm_set1_epi16(1);
+        __m128i b = _mm_loadu_si128((const __m128i *)(q + 16 * c));
+        __m128i lo = _mm_and_si128(b, nib), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nib);
+        __m128i x0 = _mm_loadu_si128((const __m128i *)(a->q8 + 32 * c));
+        __m128i x1 = _mm_loadu_si128((const __m128i *)(a->q8 + 32 * c + 16));
+        __m128i p = _mm_madd_epi16(_mm_add_epi16(_mm_maddubs_epi16(lo, x0), _mm_maddubs_epi16(hi, x1)), one);
+        int32_t v[4];
+        _mm_storeu_si128((__m128i *)v, p);
+        total += (float)(v[0] + v[1] + v[2] + v[3]) * bf16_to_f32(sz[2 * c]) * a->qs[c];
+    }
+    return total;
+#else
+    /* Portable path: float activations, the same weights. */
+    float total = 0.f;
+    for (int64_t c = 0; c < chunks; c++) {
+        float s = bf16_to_f32(sz[2 * (32 * c / group)]), part = 0.f;
+        for (int j = 0; j < 16; j++) {
+            part += (float)(q[16 * c + j] & 15) * a->f[32 * c + j];
+            part += (float)(q[16 * c + j] >> 4) * a->f[32 * c + 16 + j];
+        }
+        total += s * part;
+    }
+    return total + offset;
+#endif
+}
+
+typedef struct {
+    int fmt;
+    int64_t k, group;
+    const void *w, *scale;
+} Weights;
+
+static inline float row_dot(const Weights *m, int64_t row, const Act *a) {
+    switch (m->fmt) {
+        case F32: return dot_f32((const float *)m->w + row * m->k, a->f, m->k);
+        case BF16: return dot_bf16((const uint16_t *)m->w + row * m->k, a, m->k);
+        case I8: return dot_i8((const int8_t *)m->w + row * m->k, a, m->k) * ((const float *)m->scale)[row];
+        default:
+            return dot_i4((const uint8_t *)m->w + row * (m->k / 2),
+                          (const uint16_t *)m->scale + row * (m->k / m->group) * 2, m->k, m->group, a);
+    }
+}
+
+/* Prepared activations for `rows` rows of width k: one block of memory, carved per format. */
+typedef struct {
+    Act *acts;
+    char *mem;
+} Acts;
+
+static Acts acts_new(int fmt, int64_t rows, int64_t k, int64_t group) {
+    size_t per = 0; /* bytes per row */
+    if (fmt == BF16) per = sizeof(float) * (size_t)k;
+    if (fmt == I8) per = sizeof(int16_t) * (size_t)k + sizeof(float) * (size_t)(k / 32);
+    if (fmt == I4) per = (size_t)k + sizeof(float) * (size_t)(2 * (k / group));
+    per = (per + 63) & ~(size_t)63;
+    Acts b = {calloc((size_t)rows, sizeof(Act)), per ? malloc(per * (size_t)rows) : NULL};
+    for (int64_t r = 0; r < rows && per; r++) {
+        char *m = b.mem + per * (size_t)r;
+        if (fmt == BF16) b.acts[r].even = (float *)m;
+        if (fmt == I8) {
+            b.acts[r].q16 = (int16_t *)m;
+            b.acts[r].qs = (float *)(m + sizeof(int16_t) * (size_t)k);
+        }
+        if (fmt == I4) {
+            b.acts[r].qs = (float *)m;
+            b.acts[r].sum = b.acts[r].qs + k / group;
+            b.acts[r].q8 = (int8_t *)(b.acts[r].sum + k / group);
+        }
+    }
+    return b;
+}
+
+static void acts_free(Acts *b) {
+    free(b->acts);
+    free(b->mem);
+}
+
+typedef struct {
+    const Weights *wt;
+    const Acts *xa;
+    int64_t m, n;
+    float *y;
+} GemvJob;
+
+static void gemv_rows(void *ctx, int64_t begin, int64_t end) {
+    const GemvJob *j = ctx;
+    for (int64_t row = begin; row < end; row++)
+        for (int64_t i = 0; i < j->m; i++) j->y[i * j->n + row] = row_dot(j->wt, row, &j->xa->acts[i]);
+}
+
+/* y[M, N] = x[M, K] @ W^T. */
+void moerag_gemv(int fmt, int64_t m, int64_t n, int64_t k, int64_t group, const float *x, const void *w,
+                 const void *scale, float *y) {
+    Weights wt = {fmt, k, group, w, scale};
+    Acts xa = acts_new(fmt, m, k, group);
+    for (int64_t i = 0; i < m; i++) act_prepare(&xa.acts[i], x + i * k, fmt, k, group);
+    GemvJob job = {&wt, &xa, m, n, y};
+    if (n * k * m < (1 << 14)) gemv_rows(&job, 0, n); /* too small to be worth a second thread */
+    else parallel_for(n, gemv_rows, &job);
+    acts_free(&xa);
+}
+
+static inline size_t weight_bytes(int fmt, int64_t n, int64_t k) {
+    switch (fmt) {
+        case F32: return (size_t)(n * k) * 4;
+        case BF16: return (size_t)(n * k) * 2;
+        case I8: return (size_t)(n * k);
+        default: return (size_t)(n * k) / 2;
+    }
+}
+
+static inline size_t scale_bytes(int fmt, int64_t n, int64_t k, int64_t group) {
+    if (fmt == I8) return (size_t)n * 4;
+    if (fmt == I4) return (size_t)(n * (k / group)) * 4;
+    return 0;
+}
+
+static inline const void *offset(const void *p, size_t bytes, int64_t e) {
+    return p == NULL ? NULL : (const char *)p + bytes * (size_t)e;
+}
+
+typedef struct {
+    int fmt;
+    int64_t topk, hidden, inter, width, group, runs;
+    const int64_t *ids, *order, *starts;
+    const float *weights;
+    const void *w13, *s13, *w2, *s2;
+    size_t b13, c13, b2, c2;
+    Acts *xa, *aa;
+    float *h, *act, *out;
+} MoeJob;
+
+static void moe_up(void *ctx, int64_t begin, int64_t end) { /* gate+up rows of every selected expert */
+    MoeJob *j = ctx;
+    for (int64_t idx = begin; idx < end; idx++) {
+        int64_t r = idx / j->width, row = idx % j->width, e = j->ids[j->order[j->starts[r]]];
+        Weights wt = {j->fmt, j->hidden, j->group, offset(j->w13, j->b13, e), offset(j->s13, j->c13, e)};
+        for (int64_t p = j->starts[r]; p < j->starts[r + 1]; p++)
+            j->h[p * j->width + row] = row_dot(&wt, row, &j->xa->acts[j->order[p] / j->topk]);
+    }
+}
+
+static void moe_act(void *ctx, int64_t begin, int64_t end) { /* silu(gate) * up, prepared for down */
+    MoeJob *j = ctx;
+    for (int64_t p = begin; p < end; p++) {
+        const float *h = j->h + p * j->width;
+        float *a = j->act + p * j->inter;
+        for (int64_t i = 0; i < j->inter; i++) a[i] = h[i] / (1.f + expf(-h[i])) * h[j->inter + i];
+        act_prepare(&j->aa->acts[p], a, j->fmt, j->inter, j->group);
+    }
+}
+
+static void moe_down(void *ctx, int64_t begin, int64_t end) { /* each thread owns its output rows */
+    MoeJob *j = ctx;
+    for (int64_t row = begin; row < end; row++)
+        for (int64_t r = 0; r < j->runs; r++) {
+            int64_t e = j->ids[j->order[j->starts[r]]];
+            Weights wt = {j->fmt, j->inter, j->group, offset(j->w2, j->b2, e), offset(j->s2, j->c2, e)};
+            for (int64_t p = j->starts[r]; p < j->starts[r + 1]; p++)
+                j->out[(j->order[p] / j->topk) * j->hidden + row] +=
+                    j->weights[j->order[p]] * row_dot(&wt, row, &j->aa->acts[p]);
+        }
+}
+
+/* out[T, H] = sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]), each expert
+ * down(silu(gate(x)) * up(x)) with w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
+ * Slots are grouped by expert so each selected expert's weights are read once. */
+void moerag_moe(int fmt, int64_t t, int64_t topk, int64_t hidden, int64_t inter, int64_t group, const float *x,
+                const int64_t *ids, const float *weights, const void *w13, const void *s13, const void *w2,
+                const void *s2, float *out) {
+    int64_t slots = t * topk, width = 2 * inter;
+    int64_t *order = malloc(sizeof(int64_t) * (size_t)slots);        /* slots sorted by expert (stable) */
+    int64_t *starts = malloc(sizeof(int64_t) * (size_t)(slots + 1)); /* run r: order[starts[r]..starts[r+1]) */
+    for (int64_t i = 0; i < slots; i++) {
+        int64_t j = i;
+        while (j > 0 && ids[order[j - 1]] > ids[i]) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = i;
+    }
+    int64_t runs = 0;
+    for (int64_t p = 0; p < slots; p++)
+        if (p == 0 || ids[order[p]] != ids[order[p - 1]]) starts[runs++] = p;
+    starts[runs] = slots;
+
+    Acts xa = acts_new(fmt, t, hidden, group), aa = acts_new(fmt, slots, inter, group);
+    for (int64_t i = 0; i < t; i++) act_prepare(&xa.acts[i], x + i * hidden, fmt, hidden, group);
+    MoeJob job = {
+        fmt, topk, hidden, inter, width, group, runs, ids, order, starts, weights, w13, s13, w2, s2,
+        weight_bytes(fmt, width, hidden), scale_bytes(fmt, width, hidden, group),
+        weight_bytes(fmt, hidden, inter), scale_bytes(fmt, hidden, inter, group), &xa, &aa,
+        malloc(sizeof(float) * (size_t)(slots * width)), /* h [S, 2I] by sorted position */
+        malloc(sizeof(float) * (size_t)(slots * inter)), /* act [S, I] */
+        out,
+    };
+    memset(out, 0, sizeof(float) * (size_t)(t * hidden));
+    parallel_for(runs * width, moe_up, &job);
+    parallel_for(slots, moe_act, &job);
+    parallel_for(hidden, moe_down, &job);
+    acts_free(&aa);
+    acts_free(&xa);
+    free(job.act);
+    free(job.h);
+    free(starts);
+    free(order);
+}
+
+/* out[N, K] fp32 = the weights W, for products with many rows (prefill) done by torch. */
+typedef struct {
+    int fmt;
+    int64_t k, group;
+    const void *w, *scale;
+    float *out;
+} DequantJob;
+
+static void dequantize_rows(void *ctx, int64_t begin, int64_t end) {
+    const DequantJob *j = ctx;
+    int fmt = j->fmt;
+    int64_t k = j->k, group = j->group;
+    const void *w = j->w, *scale = j->scale;
+    float *out = j->out;
+    for (int64_t row = begin; row < end; row++) {
+        float *o = out + row * k;
+        if (fmt == F32) {
+            memcpy(o, (const float *)w + row * k, sizeof(float) * (size_t)k);
+        } else if (fmt == BF16) {
+            const uint16_t *r = (const uint16_t *)w + row * k;
+            for (int64_t i = 0; i < k; i++) o[i] = bf16_to_f32(r[i]);
+        } else if (fmt == I8) {
+            const int8_t *r = (const int8_t *)w + row * k;
+            float s = ((const float *)scale)[row];
+            for (int64_t i = 0; i < k; i++) o[i] = (float)r[i] * s;
+        } else {
+            const uint8_t *r = (const uint8_t *)w + row * (k / 2);
+            const uint16_t *sz = (const uint16_t *)scale + row * (k / group) * 2;
+            for (int64_t c = 0; c < k / 32; c++) {
+                float s = bf16_to_f32(sz[2 * (32 * c / group)]), z = bf16_to_f32(sz[2 * (32 * c / group) + 1]);
+                float base = z - 8.f * s;
+                for (int j = 0; j < 16; j++) {
+                    o[32 * c + j] = (float)(r[16 * c + j] & 15) * s + base;
+                    o[32 * c + 16 + j] = (float)(r[16 * c + j] >> 4) * s + base;
+                }
+            }
+        }
+    }
+}
+
+void moerag_dequantize(int fmt, int64_t n, int64_t k, int64_t group, const void *w, const void *scale, float *out) {
+    DequantJob job = {fmt, k, group, w, scale, out};
+    parallel_for(n, dequantize_rows, &job);
+}
+
+/* out[R, N] = x / rms(x) * w, each row over its N values (fp32 weights). */
+void moerag_rmsnorm(int64_t rows, int64_t n, const float *x, const float *w, float eps, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float ss = 0.f;
+        for (int64_t i = 0; i < n; i++) ss += xr[i] * xr[i];
+        float inv = 1.f / sqrtf(ss / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) out[r * n + i] = xr[i] * inv * w[i];
+    }
+}
+
+/* One projection of the attention block: a weight in any format above, an optional fp32 bias. */
+typedef struct {
+    int64_t fmt, n, k, group;
+    const void *w, *scale;
+    const float *bias; /* [N] or NULL */
+} Proj;
+
+static inline float proj_row(const Proj *p, int64_t row, const Act *a) {
+    Weights wt = {(int)p->fmt, p->k, p->group, p->w, p->scale};
+    return row_dot(&wt, row, a) + (p->bias ? p->bias[row] : 0.f);
+}
+
+/* Per-head RMSNorm (optional, fp32 weight [D]) then the half-split rotation by (cos, sin) [D]. */
+static void norm_rotate(float *v, int64_t d, const float *norm, float eps, const float *cos, const float *sin) {
+    if (norm) {
+        float ss = 0.f;
+        for (int64_t i = 0; i < d; i++) ss += v[i] * v[i];
+        float inv = 1.f / sqrtf(ss / (float)d + eps);
+        for (int64_t i = 0; i < d; i++) v[i] = v[i] * inv * norm[i];
+    }
+    int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+typedef struct {
+    const Proj *pq, *pk, *pv, *po;
+    int64_t b, heads, kv_heads, d, pos, smax, nq, nkv, width, s;
+    const float *qnorm, *knorm, *cos, *sin;
+    float eps, scale;
+    float *kcache, *vcache, *qkv, *att, *probs, *out;
+    Acts *xa, *oa;
+} AttnJob;
+
+static void attn_qkv(void *ctx, int64_t begin, int64_t end) { /* q, k and v rows in one loop */
+    const AttnJob *j = ctx;
+    for (int64_t row = begin; row < end; row++) {
+        const Proj *p = row < j->nq ? j->pq : row < j->nq + j->nkv ? j->pk : j->pv;
+        int64_t r = row < j->nq ? row : row < j->nq + j->nkv ? row - j->nq : row - j->nq - j->nkv;
+        for (int64_t i = 0; i < j->b; i++) j->qkv[i * j->width + row] = proj_row(p, r, &j->xa->acts[i]);
+    }
+}
+
+static void attn_rotate(void *ctx, int64_t begin, int64_t end) { /* norm + rotate; k, v into the cache */
+    const AttnJob *j = ctx;
+    int64_t all = j->heads + j->kv_heads;
+    for (int64_t hb = begin; hb < end; hb++) {
+        int64_t i = hb / all, h = hb % all;
+        float *row = j->qkv + i * j->width;
+        if (h < j->heads) {
+            norm_rotate(row + h * j->d, j->d, j->qnorm, j->eps, j->cos, j->sin);
+            continue;
+        }
+        int64_t g = h - j->heads;
+        float *k = row + j->nq + g * j->d, *v = row + j->nq + j->nkv + g * j->d;
+        norm_rotate(k, j->d, j->knorm, j->eps, j->cos, j->sin);
+        size_t at = (size_t)(((i * j->kv_heads + g) * j->smax + j->pos) * j->d);
+        memcpy(j->kcache + at, k, sizeof(float) * (size_t)j->d);
+        memcpy(j->vcache + at, v, sizeof(float) * (size_t)j->d);
+    }
+}
+
+static void attn_heads(void *ctx, int64_t begin, int64_t end) { /* each query head over its key head */
+    const AttnJob *j = ctx;
+    int64_t d = j->d, s = j->s;
+    for (int64_t hb = begin; hb < end; hb++) {
+        int64_t i = hb / j->heads, h = hb % j->heads, g = h / (j->heads / j->kv_heads);
+        const float *q = j->qkv + i * j->width + h * d;
+        const float *kc = j->kcache + (size_t)((i * j->kv_heads + g) * j->smax) * (size_t)d;
+        const float *vc = j->vcache + (size_t)((i * j->kv_heads + g) * j->smax) * (size_t)d;
+        float *p = j->probs + hb * s, top = -INFINITY, total = 0.f;
+        for (int64_t t = 0; t < s; t++) {
+            p[t] = dot_f32(kc + t * d, q, d) * j->scale;
+            top = fmaxf(top, p[t]);
+        }
+        for (int64_t t = 0; t < s; t++) total += (p[t] = expf(p[t] - top));
+        float *o = j->att + i * j->nq + h * d;
+        for (int64_t c = 0; c < d; c++) o[c] = 0.f;
+        for (int64_t t = 0; t < s; t++) {
+            float w = p[t] / total;
+            for (int64_t c = 0; c < d; c++) o[c] += w * vc[t * d + c];
+        }
+    }
+}
+
+static void attn_out(void *ctx, int64_t begin, int64_t end) {
+    const AttnJob *j = ctx;
+    for (int64_t row = begin; row < end; row++)
+        for (int64_t i = 0; i < j->b; i++) j->out[i * j->po->n + row] = proj_row(j->po, row, &j->oa->acts[i]);
+}
+
+/* One decode step of grouped-query attention for B sequences, each with one new token at
+ * position `pos`: q, k, v = x W^T (+ bias); optional q/k RMSNorm per head; rotation; k, v into
+ * the caches [B, G, S_max, D]; softmax(q k^T * scale) v over positions 0..pos; then o_proj.
+ * x [B, Hx] is the normed layer input; out [B, Ho]. proj = {q, k, v, o}. */
+void moerag_attention(int64_t b, int64_t heads, int64_t kv_heads, int64_t d, int64_t pos, int64_t smax,
+                      const float *x, const Proj *proj, const float *qnorm, const float *knorm, float eps,
+                      const float *cos, const float *sin, float *kcache, float *vcache, float scale, float *out) {
+    int64_t nq = heads * d, nkv = kv_heads * d, hx = proj[0].k;
+    Acts xa = acts_new((int)proj[0].fmt, b, hx, proj[0].group);
+    Acts oa = acts_new((int)proj[3].fmt, b, nq, proj[3].group);
+    for (int64_t i = 0; i < b; i++) act_prepare(&xa.acts[i], x + i * hx, (int)proj[0].fmt, hx, proj[0].group);
+    AttnJob j = {
+        &proj[0], &proj[1], &proj[2], &proj[3], b, heads, kv_heads, d, pos, smax, nq, nkv, nq + 2 * nkv, pos + 1,
+        qnorm, knorm, cos, sin, eps, scale, kcache, vcache,
+        malloc(sizeof(float) * (size_t)(b * (nq + 2 * nkv))), /* qkv [B, q | k | v] */
+        malloc(sizeof(float) * (size_t)(b * nq)),              /* att [B, N*D] */
+        malloc(sizeof(float) * (size_t)(b * heads * (pos + 1))), /* probs [B, N, S] */
+        out, &xa, &oa,
+    };
+    parallel_for(j.width, attn_qkv, &j);
+    parallel_for(b * (heads + kv_heads), attn_rotate, &j);
+    parallel_for(b * heads, attn_heads, &j);
+    for (int64_t i = 0; i < b; i++) act_prepare(&oa.acts[i], j.att + i * nq, (int)proj[3].fmt, nq, proj[3].group);
+    parallel_for(proj[3].n, attn_out, &j);
+    acts_free(&oa);
+    acts_free(&xa);
+    free(j.probs);
+    free(j.att);
+    free(j.qkv);
+}

@@ -1,0 +1,136 @@
+"""The native CPU kernels against plain torch: every weight layout, both builds (AVX2 and portable)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torch.nn.functional as F
+
+from engine import native
+from engine.qmatmul import dequantize_reference, matmul, pack_int4, quantize_int4, quantize_int8, unpack_int4
+
+# The SIMD build rounds activations (to int16 per chunk of 32 for int8 weights, to int8 per
+# weight group for int4 ones, as llama.cpp does); `expected` rounds them the same way, so every comparison is to
+# fp32 summation-order error (1e-5 of the largest output). Against exact fp32 activations the
+# int4 product is off by ~1 % (measured), far below int4's own rounding (~10 %).
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(params=["simd", "portable"])
+def lib(request):
+    lib = native.library(scalar=request.param == "portable")
+    if lib is None:
+        pytest.skip("no C compiler: the engine runs on torch alone")
+    if request.param == "simd" and not lib.moerag_simd():
+        pytest.skip("this CPU has no AVX2: the portable build is the one in use")
+    return lib
+
+
+def _weights(fmt: str, shape: tuple[int, ...], group: int = 32) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = torch.randn(shape)
+    if fmt == "f32":
+        return w, None
+    if fmt == "bf16":
+        return w.to(torch.bfloat16), None
+    return quantize_int8(w) if fmt == "int8" else quantize_int4(w, group)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    err = float((got - want).abs().max() / want.abs().max())
+    assert err <= TOLERANCE, f"relative error {err:.2e}"
+
+
+def _round_chunks(x: torch.Tensor, top: int, size: int = 32) -> torch.Tensor:
+    """x [M, K] with each full chunk of `size` rounded to `top` levels of its largest magnitude."""
+    full = x.shape[-1] // size * size
+    chunks = x[:, :full].reshape(x.shape[0], -1, size)  # [M, K/size, size]
+    step = chunks.abs().amax(dim=-1, keepdim=True) / top
+    rounded = torch.round(chunks / torch.where(step > 0, step, 1)) * step
+    return torch.cat([rounded.reshape(x.shape[0], full), x[:, full:]], dim=1)
+
+
+def expected(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, simd: bool) -> torch.Tensor:
+    """x [M, K] @ W^T as the kernel defines it, in plain torch."""
+    if simd and w.dtype == torch.int8:
+        return _round_chunks(x, 32767) @ dequantize_reference(w, scale).T
+    if simd and w.dtype == torch.uint8:  # sum q * s over int8 activations (per group), + (zero - 8 s) * exact sums
+        s, z = scale[..., 0].float(), scale[..., 1].float()  # [N, G]
+        group = w.shape[-1] * 2 // s.shape[-1]
+        qs = unpack_int4(w).float() * s.repeat_interleave(group, dim=-1)  # [N, K]
+        sums = x.reshape(x.shape[0], -1, group).sum(-1)  # [M, G]
+        return _round_chunks(x, 127, group) @ qs.T + sums @ (z - 8 * s).T
+    return x @ dequantize_reference(w, scale).T
+
+
+def expected_moe(x, w13, s13, w2, s2, weights, ids, simd: bool) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    for t, k in torch.cartesian_prod(torch.arange(ids.shape[0]), torch.arange(ids.shape[1])).tolist():
+        e = int(ids[t, k])
+        gate, up = expected(x[t : t + 1], w13[e], None if s13 is None else s13[e], simd).chunk(2, dim=-1)
+        out[t] += weights[t, k] * expected(F.silu(gate) * up, w2[e], None if s2 is None else s2[e], simd)[0]
+    return out
+
+
+@pytest.mark.parametrize(
+    "fmt,k,group",
+    [("f32", 77, 32), ("bf16", 77, 32), ("bf16", 256, 32), ("int8", 72, 32), ("int8", 13, 32),
+     ("int4", 32, 32), ("int4", 96, 32), ("int4", 256, 64), ("int4", 1024, 128), ("int4", 512, 256)],
+)  # fmt: skip
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_gemv_equals_the_dequantized_product(lib, fmt: str, k: int, group: int, m: int) -> None:
+    torch.manual_seed(k + m)
+    w, scale = _weights(fmt, (45, k), group)
+    x = torch.randn(m, k)
+    _close(native.gemv(x, w, scale, lib=lib), expected(x, w, scale, bool(lib.moerag_simd())))
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+def test_dequantize_is_exact(lib, fmt: str) -> None:
+    w, scale = _weights(fmt, (19, 192), 64)
+    assert torch.equal(native.dequantize(w, scale, lib=lib), dequantize_reference(w, scale))
+
+
+def test_int4_packing_round_trips_and_rounds_to_half_a_step() -> None:
+    q = torch.randint(0, 16, (7, 96), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(q)), q)
+    w = torch.randn(48, 256)
+    packed, scale_zero = quantize_int4(w, 64)
+    assert packed.shape == (48, 128) and scale_zero.shape == (48, 4, 2) and scale_zero.dtype == torch.bfloat16
+    s, z = scale_zero[..., 0].float(), scale_zero[..., 1].float()  # [N, G]
+    # Half a step, plus the bf16 rounding of scale and zero (8-bit mantissas).
+    bound = (s / 2 + (z.abs() + 8 * s) * 2**-8).repeat_interleave(64, dim=1)  # [N, K]
+    assert torch.all((w - dequantize_reference(packed, scale_zero)).abs() <= bound + 1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [[3, 1]],  # decode: one token
+        [[0, 5], [5, 0], [2, 7], [7, 7]],  # experts shared between tokens; one token twice on expert 7
+        [[4], [4], [4]],  # K = 1, every token on one expert
+        [[6, 2, 1], [1, 2, 6], [0, 3, 5], [6, 6, 6], [2, 4, 0]],  # T = 5, experts 0..6 used, 7 idle
+    ],
+)
+def test_moe_equals_the_reference(lib, fmt: str, ids: list[list[int]]) -> None:
+    torch.manual_seed(len(ids))
+    experts, hidden, width = 8, 64, 96
+    w13, s13 = _weights(fmt, (experts, 2 * width, hidden))
+    w2, s2 = _weights(fmt, (experts, hidden, width))
+    ids_t = torch.tensor(ids)
+    x, weights = torch.randn(ids_t.shape[0], hidden), torch.rand(ids_t.shape)
+    got = native.moe(x, w13, w2, weights, ids_t, w13_scale=s13, w2_scale=s2, lib=lib)
+    _close(got, expected_moe(x, w13, s13, w2, s2, weights, ids_t, bool(lib.moerag_simd())))
+
+
+@pytest.mark.parametrize("m", [1, 40])  # decode (native) and prefill (dequantize + torch GEMM)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_keeps_the_activation_dtype(m: int, dtype: torch.dtype) -> None:
+    w, scale = _weights("int4", (64, 128), 32)
+    x = torch.randn(m, 128).to(dtype)
+    got = matmul(x, w, scale)
+    assert got.dtype == dtype and got.shape == (m, 64)
+    want = x.float() @ dequantize_reference(w, scale).T
+    # ~1 % from the int8 activations at decode (see above), bf16's 8-bit mantissa on the output.
+    assert (got.float() - want).abs().max() <= 3e-2 * want.abs().max()
