@@ -144,14 +144,18 @@ def transformers_decode(directory: Path, prompt: torch.Tensor, new_tokens: int) 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    kwargs = dict(do_sample=False, min_new_tokens=0)
-    start = time.perf_counter()
-    model.generate(prompt[None], max_new_tokens=1, **kwargs)
-    one = time.perf_counter() - start
-    start = time.perf_counter()
-    model.generate(prompt[None], max_new_tokens=1 + new_tokens, **kwargs)
-    many = time.perf_counter() - start
-    return one, new_tokens / max(many - one, 1e-9)
+    kwargs = dict(do_sample=False, min_new_tokens=0, eos_token_id=None, pad_token_id=0)
+
+    def timed(tokens: int) -> float:
+        start = time.perf_counter()
+        out = model.generate(prompt[None], max_new_tokens=tokens, **kwargs)
+        assert out.shape[1] == prompt.numel() + tokens, "transformers stopped early"
+        return time.perf_counter() - start
+
+    timed(1)  # first call: lazy initialization, not generation
+    one = min(timed(1) for _ in range(2))  # prefill + one token
+    many = timed(1 + new_tokens)
+    return one, new_tokens / (many - one)
 
 
 def _warm_up() -> None:
@@ -235,7 +239,7 @@ def main() -> None:
     if opts.load_memory:
         load_memory(directory, opts.load_memory)
         return
-    bandwidth, flops = copy_bandwidth(), matmul_rate()
+    bandwidth, flops = copy_bandwidth(), matmul_rate()  # measured again at the end; the larger wins
     prompt = torch.randint(
         0, BENCH_CONFIG["vocab_size"], (opts.prompt_tokens,), generator=torch.Generator().manual_seed(0)
     )
@@ -257,9 +261,9 @@ def main() -> None:
     for label, dtype, scheme, weight_bytes in (
         ("engine fp32", torch.float32, None, 4.0),
         ("engine bf16", torch.bfloat16, None, 2.0),
-        ("engine int8 (bf16 act)", torch.bfloat16, "int8", 1.0),
+        ("engine int8 (bf16 model)", torch.bfloat16, "int8", 1.0),
         # 4 bits plus a bf16 scale and zero per 128 weights.
-        ("engine int4 g128 (bf16 act)", torch.bfloat16, "int4", 0.5 + 4 / 128),
+        ("engine int4 g128 (bf16 model)", torch.bfloat16, "int4", 0.5 + 4 / 128),
     ):
         log.info("%s...", label)
         model = engine.load_model(directory, dtype=dtype, quantize=scheme)
@@ -278,6 +282,12 @@ def main() -> None:
         quality.append((label, rel, agree))
         del model
 
+    # Neighbours on this shared VM move the copy rate by +-20 % over minutes. The limits above
+    # used the first measurement; if the second is higher, every % is rescaled to it (stricter).
+    late = copy_bandwidth()
+    if late > bandwidth:
+        rows = [(n, tps, ratio, frac * bandwidth / late, p, pf) for n, tps, ratio, frac, p, pf in rows]
+        bandwidth = late
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
     print(
         f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s | fp32 matmul {flops / 1e9:.0f} GFLOP/s | "

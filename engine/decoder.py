@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from engine.decode_step import fused_step
 from engine.layers import RMSNorm, linear
 from engine.rope import Rope
 
@@ -29,6 +30,10 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None, start: int
     ) -> torch.Tensor:
+        if cache is not None and x.shape[1] == 1:
+            fused = fused_step(self, x, cos, sin, cache, start)  # the whole block in one native call
+            if fused is not None:
+                return fused
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 

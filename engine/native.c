@@ -375,7 +375,7 @@ typedef struct {
     const void *w13, *s13, *w2, *s2;
     size_t b13, c13, b2, c2;
     Acts *xa, *aa;
-    float *h, *act, *out;
+    float *h, *act, *y, *out; /* y [S, H]: each slot's expert output, by sorted position */
 } MoeJob;
 
 static void moe_up(void *ctx, int64_t begin, int64_t end) { /* gate+up rows of every selected expert */
@@ -398,16 +398,25 @@ static void moe_act(void *ctx, int64_t begin, int64_t end) { /* silu(gate) * up,
     }
 }
 
-static void moe_down(void *ctx, int64_t begin, int64_t end) { /* each thread owns its output rows */
+static void moe_down(void *ctx, int64_t begin, int64_t end) { /* down rows, expert by expert */
     MoeJob *j = ctx;
-    for (int64_t row = begin; row < end; row++)
-        for (int64_t r = 0; r < j->runs; r++) {
-            int64_t e = j->ids[j->order[j->starts[r]]];
-            Weights wt = {j->fmt, j->inter, j->group, offset(j->w2, j->b2, e), offset(j->s2, j->c2, e)};
-            for (int64_t p = j->starts[r]; p < j->starts[r + 1]; p++)
-                j->out[(j->order[p] / j->topk) * j->hidden + row] +=
-                    j->weights[j->order[p]] * row_dot(&wt, row, &j->aa->acts[p]);
-        }
+    for (int64_t idx = begin; idx < end; idx++) {
+        int64_t r = idx / j->hidden, row = idx % j->hidden, e = j->ids[j->order[j->starts[r]]];
+        Weights wt = {j->fmt, j->inter, j->group, offset(j->w2, j->b2, e), offset(j->s2, j->c2, e)};
+        for (int64_t p = j->starts[r]; p < j->starts[r + 1]; p++)
+            j->y[p * j->hidden + row] = row_dot(&wt, row, &j->aa->acts[p]);
+    }
+}
+
+static void moe_sum(void *ctx, int64_t begin, int64_t end) { /* out = sum of weighted slots, fp32 */
+    MoeJob *j = ctx;
+    int64_t slots = j->starts[j->runs];
+    for (int64_t p = 0; p < slots; p++) {
+        int64_t slot = j->order[p];
+        float w = j->weights[slot], *o = j->out + (slot / j->topk) * j->hidden;
+        const float *y = j->y + p * j->hidden;
+        for (int64_t row = begin; row < end; row++) o[row] += w * y[row];
+    }
 }
 
 /* out[T, H] = sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]), each expert
@@ -440,14 +449,17 @@ void moerag_moe(int fmt, int64_t t, int64_t topk, int64_t hidden, int64_t inter,
         weight_bytes(fmt, hidden, inter), scale_bytes(fmt, hidden, inter, group), &xa, &aa,
         malloc(sizeof(float) * (size_t)(slots * width)), /* h [S, 2I] by sorted position */
         malloc(sizeof(float) * (size_t)(slots * inter)), /* act [S, I] */
+        malloc(sizeof(float) * (size_t)(slots * hidden)), /* y [S, H] */
         out,
     };
     memset(out, 0, sizeof(float) * (size_t)(t * hidden));
     parallel_for(runs * width, moe_up, &job);
     parallel_for(slots, moe_act, &job);
-    parallel_for(hidden, moe_down, &job);
+    parallel_for(runs * hidden, moe_down, &job);
+    parallel_for(hidden, moe_sum, &job);
     acts_free(&aa);
     acts_free(&xa);
+    free(job.y);
     free(job.act);
     free(job.h);
     free(starts);
@@ -633,4 +645,57 @@ void moerag_attention(int64_t b, int64_t heads, int64_t kv_heads, int64_t d, int
     free(j.probs);
     free(j.att);
     free(j.qkv);
+}
+
+/* One decoder block of a softmax-routed MoE model (Qwen3-MoE, Mixtral) at decode, in one call:
+ *   x += attention(rmsnorm(x) * w_in);  h = rmsnorm(x) * w_post;
+ *   weights, ids = top-k of softmax(h router^T) (fp32; renormalized if asked);  x += moe(h).
+ * x [B, H] is updated in place. The pieces are the functions above. */
+typedef struct {
+    int64_t heads, kv_heads, head_dim, experts, topk, renormalize, fmt, inter, group;
+    const Proj *attn; /* q, k, v, o */
+    const float *qnorm, *knorm, *in_norm, *post_norm;
+    float qk_eps, eps;
+    const Proj *router; /* [E, H], float */
+    const void *w13, *s13, *w2, *s2;
+} Block;
+
+void moerag_block(const Block *k, int64_t b, int64_t pos, int64_t smax, float *x, const float *cos, const float *sin,
+                  float *kcache, float *vcache, float scale) {
+    int64_t hidden = k->router->k, e = k->experts, topk = k->topk;
+    float *h = malloc(sizeof(float) * (size_t)(b * hidden));
+    float *y = malloc(sizeof(float) * (size_t)(b * hidden));
+    float *logits = malloc(sizeof(float) * (size_t)(b * e));
+    float *weights = malloc(sizeof(float) * (size_t)(b * topk));
+    int64_t *ids = malloc(sizeof(int64_t) * (size_t)(b * topk));
+
+    moerag_rmsnorm(b, hidden, x, k->in_norm, k->eps, h);
+    moerag_attention(b, k->heads, k->kv_heads, k->head_dim, pos, smax, h, k->attn, k->qnorm, k->knorm, k->qk_eps, cos,
+                     sin, kcache, vcache, scale, y);
+    for (int64_t i = 0; i < b * hidden; i++) x[i] += y[i];
+    moerag_rmsnorm(b, hidden, x, k->post_norm, k->eps, h);
+    moerag_gemv((int)k->router->fmt, b, e, hidden, 32, h, k->router->w, NULL, logits);
+    for (int64_t i = 0; i < b; i++) { /* softmax, then the k largest (ties: lowest id first) */
+        float *l = logits + i * e, top = -INFINITY, total = 0.f, kept = 0.f;
+        for (int64_t j = 0; j < e; j++) top = fmaxf(top, l[j]);
+        for (int64_t j = 0; j < e; j++) total += (l[j] = expf(l[j] - top));
+        for (int64_t s = 0; s < topk; s++) {
+            int64_t best = 0;
+            for (int64_t j = 1; j < e; j++)
+                if (l[j] > l[best]) best = j;
+            ids[i * topk + s] = best;
+            weights[i * topk + s] = l[best] / total;
+            kept += l[best] / total;
+            l[best] = -1.f; /* probabilities are >= 0: never chosen again */
+        }
+        if (k->renormalize)
+            for (int64_t s = 0; s < topk; s++) weights[i * topk + s] /= kept;
+    }
+    moerag_moe((int)k->fmt, b, topk, hidden, k->inter, k->group, h, ids, weights, k->w13, k->s13, k->w2, k->s2, y);
+    for (int64_t i = 0; i < b * hidden; i++) x[i] += y[i];
+    free(ids);
+    free(weights);
+    free(logits);
+    free(y);
+    free(h);
 }

@@ -86,7 +86,8 @@ def library(*, scalar: bool = False) -> ctypes.CDLL | None:
     lib.moerag_rmsnorm.argtypes = [_I, _I, _P, _P, ctypes.c_float, _P]
     lib.moerag_attention.argtypes = [_I, _I, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_float, _P, _P, _P, _P, ctypes.c_float, _P]
     lib.moerag_set_threads.argtypes = [ctypes.c_int]
-    for fn in (lib.moerag_gemv, lib.moerag_moe, lib.moerag_dequantize, lib.moerag_rmsnorm, lib.moerag_attention):
+    lib.moerag_block.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_float]
+    for fn in (lib.moerag_gemv, lib.moerag_moe, lib.moerag_dequantize, lib.moerag_rmsnorm, lib.moerag_attention, lib.moerag_block):
         fn.restype = None
     lib.moerag_set_threads(torch.get_num_threads())  # the kernels' own threads (see native.c)
     return lib
@@ -209,3 +210,39 @@ def attention(
         scale, out.data_ptr(),
     )  # fmt: skip
     return out
+
+
+class BlockArgs(ctypes.Structure):
+    """A decoder block for moerag_block (see native.c); pointers into tensors kept alive elsewhere."""
+
+    _fields_ = [
+        *[(name, _I) for name in ("heads", "kv_heads", "head_dim", "experts", "topk", "renormalize", "fmt", "inter", "group")],
+        ("attn", ctypes.POINTER(Proj)),
+        *[(name, _P) for name in ("qnorm", "knorm", "in_norm", "post_norm")],
+        ("qk_eps", ctypes.c_float),
+        ("eps", ctypes.c_float),
+        ("router", ctypes.POINTER(Proj)),
+        *[(name, _P) for name in ("w13", "s13", "w2", "s2")],
+    ]
+
+
+def block(
+    args: BlockArgs,
+    x: torch.Tensor,
+    *,
+    position: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scale: float,
+    lib: ctypes.CDLL | None = None,
+) -> torch.Tensor:
+    """One decoder block's decode step (attention + softmax-routed experts): x [B, H] fp32 -> new x."""
+    lib = lib or library()
+    x = x.contiguous().clone()  # updated in place by the kernel
+    lib.moerag_block(
+        ctypes.byref(args), x.shape[0], position, k_cache.shape[2], x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), scale,
+    )  # fmt: skip
+    return x

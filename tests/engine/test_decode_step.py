@@ -1,0 +1,48 @@
+"""The fused native decode step equals the module-by-module path, for every weight layout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine
+import engine.decoder
+from engine import native
+
+PROMPT = list(range(3, 300, 11))
+
+
+def _decode_logits(model: engine.Model, steps: int = 6) -> torch.Tensor:
+    """Logits of `steps` greedy decode steps after PROMPT, with a batch of two sequences."""
+    net = model.net
+    tokens = torch.tensor([PROMPT, PROMPT[::-1]])  # [B, T]
+    cache = net.new_cache(2, len(PROMPT) + steps)
+    with torch.inference_mode():
+        logits = net(tokens, cache, 0, last_only=True)  # [B, 1, V]
+        out = []
+        for step in range(steps):
+            token = logits[:, -1].argmax(-1, keepdim=True)  # [B, 1]
+            logits = net(token, cache, len(PROMPT) + step, last_only=True)
+            out.append(logits.float())
+    return torch.cat(out, dim=1)  # [B, steps, V]
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize(
+    ("dtype", "scheme"), [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8"), (torch.bfloat16, "int4")]
+)
+def test_fused_step_equals_the_module_path(tiny_checkpoint, monkeypatch, name, dtype, scheme) -> None:
+    if not native.available():
+        pytest.skip("no C compiler: there is no fused step")
+    _, path = tiny_checkpoint(name)
+    model = engine.load_model(path, dtype=dtype, quantize=scheme, group_size=32)
+    calls = []
+    real = native.block
+    monkeypatch.setattr(native, "block", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = _decode_logits(model)
+    assert calls, "the fused step did not run"
+    monkeypatch.setattr(engine.decoder, "fused_step", lambda *a, **k: None)
+    modules = _decode_logits(engine.load_model(path, dtype=dtype, quantize=scheme, group_size=32))
+    # Same kernels in the same order; only the routing softmax (expf vs torch) may differ in the
+    # last bits, so fp32 summation-order tolerance.
+    assert (fused - modules).abs().max() <= 1e-4 * modules.abs().max()
