@@ -1,4 +1,5 @@
-"""The fused native decode step equals the module-by-module path, for every weight layout."""
+"""The fused native decode step equals the module-by-module path, for every weight layout, and
+the engine decodes the same on torch alone (no C compiler)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,17 @@ def test_fused_step_equals_the_module_path(tiny_checkpoint, monkeypatch, name, d
     # Same kernels in the same order; only the routing softmax (expf vs torch) may differ in the
     # last bits, so fp32 summation-order tolerance.
     assert (fused - modules).abs().max() <= 1e-4 * modules.abs().max()
+
+
+@pytest.mark.parametrize(("dtype", "scheme"), [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8")])
+def test_torch_alone_decodes_the_same(tiny_checkpoint, monkeypatch, dtype, scheme) -> None:
+    # Without a C compiler (or with MOERAG_NATIVE=0) every product runs in torch instead.
+    if not native.available():
+        pytest.skip("no C compiler: only the torch path exists")
+    _, path = tiny_checkpoint("qwen3_moe")
+    with_kernels = _decode_logits(engine.load_model(path, dtype=dtype, quantize=scheme))
+    monkeypatch.setattr(native, "library", lambda **_: None)
+    assert not native.available()
+    torch_alone = _decode_logits(engine.load_model(path, dtype=dtype, quantize=scheme))
+    # int8: the kernels round activations to int16 per 32 (~2e-5 each); float: summation order.
+    assert (with_kernels - torch_alone).abs().max() <= 1e-4 * torch_alone.abs().max()
