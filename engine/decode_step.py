@@ -29,7 +29,10 @@ def _args(block: nn.Module) -> native.BlockArgs | None:
         return cached[1]
     projections = attn._native_projections()
     args = None
-    if projections is not None and experts.gate_up_proj.dtype == experts.down_proj.dtype:
+    weights = (experts.gate_up_proj, experts.down_proj, mlp.gate.weight)
+    if projections is not None and experts.gate_up_proj.dtype == experts.down_proj.dtype and all(
+        native.supports(w) for w in weights
+    ):
         s13, s2 = getattr(experts, "gate_up_scale", None), getattr(experts, "down_scale", None)
         fmt, _, group = native._format(experts.gate_up_proj, s13)
         router, keep = native.projections([(mlp.gate.weight, None, None)])

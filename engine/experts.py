@@ -70,7 +70,7 @@ def cpu_sorted(
     of rows, so its weights are streamed from memory exactly once.
     """
     t, k = ids.shape
-    if x.device.type == "cpu" and t <= SMALL_M and native.available():
+    if x.device.type == "cpu" and t <= SMALL_M and native.supports(w13) and native.supports(w2) and native.available():
         return native.moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale).to(x.dtype)
     flat = ids.reshape(-1)  # [T*K]
     order = torch.argsort(flat, stable=True)  # [T*K]

@@ -145,7 +145,8 @@ class Attention(nn.Module):
         if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)):
             layers = [(m.weight, getattr(m, "scale", None), m.bias) for m in mods]
             same = len({(w.dtype, None if s is None or s.dim() < 2 else s.shape[-2]) for w, s, _ in layers[:3]}) == 1
-            cached = (key, native.projections(layers) if same else None)
+            fits = same and all(native.supports(w) for w, _, _ in layers)
+            cached = (key, native.projections(layers) if fits else None)
             self.__dict__["_native"] = cached
         return cached[1]
 

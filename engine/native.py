@@ -97,6 +97,11 @@ def available() -> bool:
     return library() is not None
 
 
+def supports(w: torch.Tensor) -> bool:
+    """Whether the kernels read this weight (fp16 and others fall back to torch)."""
+    return w.dtype in FORMATS and w.device.type == "cpu" and w.is_contiguous()
+
+
 def _format(w: torch.Tensor, scale: torch.Tensor | None) -> tuple[int, int, int]:
     """(format code, K inputs, int4 group) of a weight [.., N, K or K/2]."""
     fmt = FORMATS[w.dtype]

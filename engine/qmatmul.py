@@ -91,7 +91,7 @@ def dequantize_reference(w: torch.Tensor, scale: torch.Tensor | None) -> torch.T
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """A weight [N, K..] -> fp32 [N, K]: the native kernel on CPU, else plain torch."""
-    if w.device.type == "cpu" and w.dim() == 2 and w.is_contiguous() and native.available():
+    if w.dim() == 2 and native.supports(w) and native.available():
         return native.dequantize(w, scale)
     return dequantize_reference(w, scale)
 
@@ -100,7 +100,7 @@ def matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) 
     """x [M, K] @ W^T -> [M, N] in x's dtype, for any layout above (float weights: scale None)."""
     if x.device.type != "cpu":
         return x @ (w if scale is None else dequantize(w, scale).to(x.dtype)).T
-    if x.shape[0] <= SMALL_M and w.is_contiguous() and native.available():
+    if x.shape[0] <= SMALL_M and native.supports(w) and native.available():
         return native.gemv(x.float(), w, scale).to(x.dtype)  # [M, N]
     if scale is None and w.dtype == x.dtype == torch.float32:
         return x @ w.T

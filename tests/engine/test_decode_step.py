@@ -61,3 +61,12 @@ def test_torch_alone_decodes_the_same(tiny_checkpoint, monkeypatch, dtype, schem
     torch_alone = _decode_logits(engine.load_model(path, dtype=dtype, quantize=scheme))
     # int8: the kernels round activations to int16 per 32 (~2e-5 each); float: summation order.
     assert (with_kernels - torch_alone).abs().max() <= 1e-4 * torch_alone.abs().max()
+
+
+def test_float16_weights_fall_back_to_torch(tiny_checkpoint) -> None:
+    # The kernels read fp32, bf16, int8 and int4; an fp16 model on CPU must still decode.
+    _, path = tiny_checkpoint("qwen3_moe")
+    half = _decode_logits(engine.load_model(path, dtype=torch.float16))
+    full = _decode_logits(engine.load_model(path))
+    assert torch.isfinite(half).all()
+    assert (half - full).abs().max() <= 2e-2 * full.abs().max()  # fp16's 10-bit mantissa on weights
