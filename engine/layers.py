@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import native
-from engine.qmatmul import SMALL_M, matmul
+from engine.qmatmul import SMALL_M
+from engine.qmatmul import linear as qlinear
 from engine.rope import rotate
 
 
@@ -54,10 +55,7 @@ class Linear(nn.Linear):
     """An inference-only nn.Linear whose product is qmatmul.matmul (the native kernels at decode)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul(x.reshape(-1, x.shape[-1]), self.weight)  # [M, N]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return qlinear(x, self.weight, None, self.bias)
 
 
 def linear(in_features: int, out_features: int, *, bias: bool = False) -> nn.Linear:

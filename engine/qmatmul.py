@@ -105,3 +105,11 @@ def matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) 
     if scale is None and w.dtype == x.dtype == torch.float32:
         return x @ w.T
     return (x.float() @ dequantize(w, scale).T).to(x.dtype)  # [M, N]
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., K] @ W^T (+ bias) -> [..., N]: the forward of every Linear, float or quantized."""
+    y = matmul(x.reshape(-1, x.shape[-1]), w, scale)  # [M, N]
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -18,7 +18,8 @@ from torch import nn
 from engine.errors import EngineError
 from engine.experts import EXPERT_BACKENDS
 from engine.moe import Experts
-from engine.qmatmul import INT4_GROUPS, matmul, quantize_int4, quantize_int8
+from engine.qmatmul import INT4_GROUPS, quantize_int4, quantize_int8
+from engine.qmatmul import linear as qlinear
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,7 @@ class QuantizedLinear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = matmul(x.reshape(-1, x.shape[-1]), self.weight, self.scale)  # [M, N]
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return qlinear(x, self.weight, self.scale, self.bias)
 
 
 class QuantizedExperts(nn.Module):
