@@ -1,7 +1,11 @@
-"""The fused CPU decode step: a whole softmax-routed MoE decoder block in one native call.
+"""The fused CPU decode step: consecutive softmax-routed MoE decoder blocks in one native call.
 
 Per token and block, the module-by-module path costs ~0.3 ms of Python and torch dispatch
-around ~1 ms of kernels (measured on the bench model); one call removes nearly all of it.
+around ~1 ms of kernels, and even one call per block cost ~65 us of Python per block on a
+2-core VM (measured on the bench model); one call per token for the whole stack removes it.
+The plan (which blocks run fused, with which cache pointers) is built once per KV cache and
+rebuilt when any module, parameter or buffer is assigned anywhere (torch's registration hooks)
+or the model is converted (`CausalLM._apply`).
 Shapes: B sequences (one new token each), H hidden.
 """
 
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from engine import native
 from engine.layers import Attention, fp32_copy
@@ -52,32 +57,71 @@ def _args(block: nn.Module) -> native.BlockArgs | None:
     return args
 
 
-def fused_step(
-    block: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: list[torch.Tensor], start: int
-) -> torch.Tensor | None:
-    """x [B, 1, H] after the block at position `start`, or None when the block or x does not fit
-    (then the module-by-module path runs)."""
+_generation = 0  # bumped whenever a module, parameter or buffer is assigned, anywhere
+
+
+def changed(*_: object) -> None:
+    """Forget every fused plan (weights may have moved)."""
+    global _generation
+    _generation += 1
+
+
+_module.register_module_module_registration_hook(changed)
+_module.register_module_parameter_registration_hook(changed)
+_module.register_module_buffer_registration_hook(changed)
+
+
+class KVCache(list):
+    """The per-layer caches [[k, v], ...] of one generation, with the fused plan built for them."""
+
+    plan: tuple[int, list] | None = None  # (generation, [native.Stack or a block index, ...])
+
+
+def _plan(layers: nn.ModuleList, cache: KVCache) -> list:
+    """Runs of fusable blocks as native.Stack, other blocks by index."""
+    if cache.plan is not None and cache.plan[0] == _generation:
+        return cache.plan[1]
+    steps: list = []
+    run: list[int] = []
+    for i, block in enumerate(layers):
+        args = None
+        if block.post_attention_layernorm.eps == block.input_layernorm.eps and cache[i][0].dtype == torch.float32:
+            args = _args(block)
+        if args is not None:
+            run.append(i)
+            continue
+        if run:
+            steps.append(native.Stack([_args(layers[j]) for j in run], [cache[j] for j in run], run[0]))
+            run = []
+        steps.append(i)
+    if run:
+        steps.append(native.Stack([_args(layers[j]) for j in run], [cache[j] for j in run], run[0]))
+    cache.plan = (_generation, steps)
+    return steps
+
+
+def run_blocks(
+    layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: list, start: int
+) -> torch.Tensor:
+    """x [B, T, H] through every block, as few native calls as fit (one per run of fusable
+    blocks at decode on CPU), the others module by module."""
     if not (
-        x.shape[1] == 1
-        and x.device.type == "cpu"
-        and x.dtype == cache[0].dtype == torch.float32
+        isinstance(cache, KVCache)
+        and x.shape[1] == 1
         and x.shape[0] <= 16
-        and block.post_attention_layernorm.eps == block.input_layernorm.eps
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
         and native.available()
     ):
-        return None
-    args = _args(block)
-    if args is None:
-        return None
-    attn = block.self_attn
-    out = native.block(
-        args,
-        x.view(x.shape[0], -1),
-        position=start,
-        cos=cos.float().contiguous(),
-        sin=sin.float().contiguous(),
-        k_cache=cache[0],
-        v_cache=cache[1],
-        scale=attn.head_dim**-0.5,
-    )
-    return out.view(x.shape)
+        for i, block in enumerate(layers):
+            x = block(x, cos, sin, cache[i], start)
+        return x
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    shape = x.shape
+    for step in _plan(layers, cache):
+        if isinstance(step, int):
+            x = layers[step](x.view(shape), cos, sin, cache[step], start)
+        else:
+            attn = layers[step.first].self_attn
+            x = native.blocks(step, x.view(shape[0], -1), position=start, cos=cos, sin=sin, scale=attn.head_dim**-0.5)
+    return x.view(shape)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.decode_step import fused_step
+from engine import decode_step
 from engine.layers import RMSNorm, linear
 from engine.rope import Rope
 
@@ -30,10 +30,6 @@ class Block(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None, start: int
     ) -> torch.Tensor:
-        if cache is not None and x.shape[1] == 1:
-            fused = fused_step(self, x, cos, sin, cache, start)  # the whole block in one native call
-            if fused is not None:
-                return fused
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -76,9 +72,14 @@ class CausalLM(nn.Module):
         weight = self.model.embed_tokens.weight
         return torch.float32 if weight.device.type == "cpu" else weight.dtype
 
-    def new_cache(self, batch: int, max_len: int) -> list[LayerCache]:
+    def new_cache(self, batch: int, max_len: int) -> decode_step.KVCache:
         device = self.model.embed_tokens.weight.device
-        return [block.self_attn.new_cache(batch, max_len, self.compute_dtype, device) for block in self.model.layers]
+        layers = self.model.layers
+        return decode_step.KVCache(block.self_attn.new_cache(batch, max_len, self.compute_dtype, device) for block in layers)
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (torch's signature)
+        decode_step.changed()  # .to(), .float(), ... may move every weight the fused plans point into
+        return super()._apply(fn, recurse)
 
     def forward(
         self,
@@ -90,10 +91,12 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V] in the model dtype ([B, 1, V] with `last_only`)."""
         x = self.model.embed_tokens(tokens).to(self.compute_dtype)  # [B, T, H]
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)  # [T]
-        cos, sin = self.rope.cos_sin(positions, x.dtype)  # [T, D] each
-        for i, block in enumerate(self.model.layers):
-            x = block(x, cos, sin, None if cache is None else cache[i], start)
+        cos, sin = self.rope.span(start, tokens.shape[1], x.dtype, x.device)  # [T, D] each
+        if cache is None:
+            for block in self.model.layers:
+                x = block(x, cos, sin, None, start)
+        else:
+            x = decode_step.run_blocks(self.model.layers, x, cos, sin, cache, start)
         if last_only:
             x = x[:, -1:]  # [B, 1, H]; generation needs only the next-token logits
         return self.lm_head(self.model.norm(x))  # [B, T, V]

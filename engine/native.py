@@ -86,8 +86,9 @@ def library(*, scalar: bool = False) -> ctypes.CDLL | None:
     lib.moerag_rmsnorm.argtypes = [_I, _I, _P, _P, ctypes.c_float, _P]
     lib.moerag_attention.argtypes = [_I, _I, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_float, _P, _P, _P, _P, ctypes.c_float, _P]
     lib.moerag_set_threads.argtypes = [ctypes.c_int]
-    lib.moerag_block.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_float]
-    for fn in (lib.moerag_gemv, lib.moerag_moe, lib.moerag_dequantize, lib.moerag_rmsnorm, lib.moerag_attention, lib.moerag_block):
+    lib.moerag_blocks.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_float]
+    fns = (lib.moerag_gemv, lib.moerag_moe, lib.moerag_dequantize, lib.moerag_rmsnorm, lib.moerag_attention)
+    for fn in (*fns, lib.moerag_blocks):
         fn.restype = None
     lib.moerag_set_threads(torch.get_num_threads())  # the kernels' own threads (see native.c)
     return lib
@@ -231,23 +232,36 @@ class BlockArgs(ctypes.Structure):
     ]
 
 
-def block(
-    args: BlockArgs,
+class Stack:
+    """Consecutive blocks for moerag_blocks: their BlockArgs in one array, and their caches' pointers."""
+
+    def __init__(self, blocks: list[BlockArgs], caches: list[list[torch.Tensor]], first: int = 0) -> None:
+        self.first = first  # the first block's index in the model
+        self.args = (BlockArgs * len(blocks))(*blocks)  # copies of the structs; `blocks` keeps their tensors
+        self.blocks = blocks
+        self.caches = caches
+        pointers = ctypes.c_void_p * len(blocks)
+        self.k = pointers(*(c[0].data_ptr() for c in caches))
+        self.v = pointers(*(c[1].data_ptr() for c in caches))
+        self.smax = caches[0][0].shape[2]
+
+
+def blocks(
+    stack: Stack,
     x: torch.Tensor,
     *,
     position: int,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
     scale: float,
     lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
-    """One decoder block's decode step (attention + softmax-routed experts): x [B, H] fp32 -> new x."""
+    """One decode step of every block in `stack` (attention + softmax-routed experts each, see
+    moerag_block): x [B, H] fp32 -> new x; each block's new key and value go into its cache."""
     lib = lib or library()
     x = x.contiguous().clone()  # updated in place by the kernel
-    lib.moerag_block(
-        ctypes.byref(args), x.shape[0], position, k_cache.shape[2], x.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-        k_cache.data_ptr(), v_cache.data_ptr(), scale,
+    lib.moerag_blocks(
+        stack.args, len(stack.blocks), x.shape[0], position, stack.smax, x.data_ptr(), cos.data_ptr(),
+        sin.data_ptr(), stack.k, stack.v, scale,
     )  # fmt: skip
     return x

@@ -103,7 +103,7 @@ def test_int4_packing_round_trips_and_rounds_to_half_a_step() -> None:
     assert torch.all((w - dequantize_reference(packed, scale_zero)).abs() <= bound + 1e-6)
 
 
-@pytest.mark.parametrize("fmt", ["f32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("fmt,group", [("f32", 32), ("bf16", 32), ("int8", 32), ("int4", 32), ("int4", 64)])
 @pytest.mark.parametrize(
     "ids",
     [
@@ -113,11 +113,11 @@ def test_int4_packing_round_trips_and_rounds_to_half_a_step() -> None:
         [[6, 2, 1], [1, 2, 6], [0, 3, 5], [6, 6, 6], [2, 4, 0]],  # T = 5, experts 0..6 used, 7 idle
     ],
 )
-def test_moe_equals_the_reference(lib, fmt: str, ids: list[list[int]]) -> None:
+def test_moe_equals_the_reference(lib, fmt: str, group: int, ids: list[list[int]]) -> None:
     torch.manual_seed(len(ids))
-    experts, hidden, width = 8, 64, 96
-    w13, s13 = _weights(fmt, (experts, 2 * width, hidden))
-    w2, s2 = _weights(fmt, (experts, hidden, width))
+    experts, hidden, width = 8, 128, 192  # int4 g64: 2 and 3 groups per row (eight at a time in the kernel)
+    w13, s13 = _weights(fmt, (experts, 2 * width, hidden), group)
+    w2, s2 = _weights(fmt, (experts, hidden, width), group)
     ids_t = torch.tensor(ids)
     x, weights = torch.randn(ids_t.shape[0], hidden), torch.rand(ids_t.shape)
     got = native.moe(x, w13, w2, weights, ids_t, w13_scale=s13, w2_scale=s2, lib=lib)
@@ -134,3 +134,45 @@ def test_matmul_keeps_the_activation_dtype(m: int, dtype: torch.dtype) -> None:
     want = x.float() @ dequantize_reference(w, scale).T
     # ~1 % from the int8 activations at decode (see above), bf16's 8-bit mantissa on the output.
     assert (got.float() - want).abs().max() <= 3e-2 * want.abs().max()
+
+
+def _rms(v: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
+    return v if weight is None else v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@pytest.mark.parametrize("position", [0, 7, 8, 37])  # the SIMD path scores 8 positions at a time
+@pytest.mark.parametrize("norm,bias", [(True, False), (False, True)])  # Qwen3 (q/k norm), Qwen2 (biases)
+def test_attention_step_equals_the_reference(lib, position: int, norm: bool, bias: bool) -> None:
+    torch.manual_seed(position)
+    b, heads, kv_heads, d, hidden, smax = 2, 8, 2, 16, 64, 40
+    shapes = [(heads * d, hidden), (kv_heads * d, hidden), (kv_heads * d, hidden), (hidden, heads * d)]
+    weights = [(torch.randn(shape) / 8, None, torch.randn(shape[0]) if bias else None) for shape in shapes]
+    projs, keep = native.projections(weights)
+    q_norm, k_norm = (torch.rand(d) + 0.5, torch.rand(d) + 0.5) if norm else (None, None)
+    angle = torch.rand(d // 2) * position
+    cos, sin = torch.cat([angle.cos(), angle.cos()]), torch.cat([angle.sin(), angle.sin()])  # [D]
+    k_cache, v_cache = torch.randn(b, kv_heads, smax, d), torch.randn(b, kv_heads, smax, d)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    x = torch.randn(b, hidden)
+    got = native.attention(
+        x, projs, heads=heads, kv_heads=kv_heads, head_dim=d, position=position, q_norm=q_norm, k_norm=k_norm,
+        eps=1e-6, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache, scale=d**-0.5, lib=lib,
+    )  # fmt: skip
+
+    def project(i: int, v: torch.Tensor) -> torch.Tensor:
+        w, _, bias_i = weights[i]
+        return v @ w.T + (0 if bias_i is None else bias_i)
+
+    def rotate(v: torch.Tensor) -> torch.Tensor:  # half-split rotation (Llama / Qwen layout)
+        half = v.shape[-1] // 2
+        return v * cos + torch.cat([-v[..., half:], v[..., :half]], dim=-1) * sin
+
+    q = rotate(_rms(project(0, x).view(b, heads, d), q_norm))
+    k_want[:, :, position] = rotate(_rms(project(1, x).view(b, kv_heads, d), k_norm))
+    v_want[:, :, position] = project(2, x).view(b, kv_heads, d)
+    keys = k_want[:, :, : position + 1].repeat_interleave(heads // kv_heads, dim=1)  # [B, N, S, D]
+    values = v_want[:, :, : position + 1].repeat_interleave(heads // kv_heads, dim=1)
+    probs = torch.softmax(torch.einsum("bnd,bnsd->bns", q, keys) * d**-0.5, dim=-1)
+    want = project(3, torch.einsum("bns,bnsd->bnd", probs, values).reshape(b, heads * d))
+    assert torch.allclose(k_cache, k_want, rtol=1e-5, atol=1e-5) and torch.equal(v_cache[:, :, :position], v_want[:, :, :position])
+    _close(got, want)
