@@ -787,7 +787,17 @@ static void attn_heads(void *ctx, int64_t begin, int64_t end) { /* each query he
             total = hsum8(sum);
             for (; t < s; t++) total += (p[t] = expf(p[t] - top));
             __m256 inv = _mm256_set1_ps(1.f / total);
-            for (int64_t c = 0; c < d; c += 8) {
+            int64_t c = 0;
+            for (; c + 64 <= d; c += 64) { /* 64 channels in registers: each value row read once per pass */
+                __m256 acc[8];
+                for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+                for (int64_t u = 0; u < s; u++) {
+                    __m256 pu = _mm256_set1_ps(p[u]);
+                    for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(pu, _mm256_loadu_ps(vc + u * d + c + 8 * r), acc[r]);
+                }
+                for (int r = 0; r < 8; r++) _mm256_storeu_ps(o + c + 8 * r, _mm256_mul_ps(acc[r], inv));
+            }
+            for (; c < d; c += 8) {
                 __m256 acc = _mm256_setzero_ps();
                 for (int64_t u = 0; u < s; u++) acc = _mm256_fmadd_ps(_mm256_set1_ps(p[u]), _mm256_loadu_ps(vc + u * d + c), acc);
                 _mm256_storeu_ps(o + c, _mm256_mul_ps(acc, inv));

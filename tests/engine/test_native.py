@@ -74,7 +74,7 @@ def expected_moe(x, w13, s13, w2, s2, weights, ids, simd: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "fmt,k,group",
-    [("f32", 77, 32), ("bf16", 77, 32), ("bf16", 256, 32), ("int8", 72, 32), ("int8", 13, 32),
+    [("f32", 77, 32), ("bf16", 77, 32), ("bf16", 256, 32), ("int8", 72, 32), ("int8", 13, 32), ("int8", 96, 32),
      ("int4", 32, 32), ("int4", 96, 32), ("int4", 256, 64), ("int4", 1024, 128), ("int4", 512, 256)],
 )  # fmt: skip
 @pytest.mark.parametrize("m", [1, 3, 16])
@@ -142,9 +142,10 @@ def _rms(v: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> tor
 
 @pytest.mark.parametrize("position", [0, 7, 8, 37])  # the SIMD path scores 8 positions at a time
 @pytest.mark.parametrize("norm,bias", [(True, False), (False, True)])  # Qwen3 (q/k norm), Qwen2 (biases)
-def test_attention_step_equals_the_reference(lib, position: int, norm: bool, bias: bool) -> None:
+@pytest.mark.parametrize("d", [16, 72])  # head_dim: values summed 64 channels at a time, then 8
+def test_attention_step_equals_the_reference(lib, position: int, norm: bool, bias: bool, d: int) -> None:
     torch.manual_seed(position)
-    b, heads, kv_heads, d, hidden, smax = 2, 8, 2, 16, 64, 40
+    b, heads, kv_heads, hidden, smax = 2, 8, 2, 64, 40
     shapes = [(heads * d, hidden), (kv_heads * d, hidden), (kv_heads * d, hidden), (hidden, heads * d)]
     weights = [(torch.randn(shape) / 8, None, torch.randn(shape[0]) if bias else None) for shape in shapes]
     projs, keep = native.projections(weights)
