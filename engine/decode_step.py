@@ -82,20 +82,23 @@ def _plan(layers: nn.ModuleList, cache: KVCache) -> list:
     if cache.plan is not None and cache.plan[0] == _generation:
         return cache.plan[1]
     steps: list = []
-    run: list[int] = []
+    run: list[tuple[int, native.BlockArgs]] = []  # consecutive fusable blocks: (index, args)
+
+    def close_run() -> None:
+        if run:
+            steps.append(native.Stack([args for _, args in run], [cache[i] for i, _ in run], run[0][0]))
+            run.clear()
+
     for i, block in enumerate(layers):
         args = None
         if block.post_attention_layernorm.eps == block.input_layernorm.eps and cache[i][0].dtype == torch.float32:
             args = _args(block)
-        if args is not None:
-            run.append(i)
-            continue
-        if run:
-            steps.append(native.Stack([_args(layers[j]) for j in run], [cache[j] for j in run], run[0]))
-            run = []
-        steps.append(i)
-    if run:
-        steps.append(native.Stack([_args(layers[j]) for j in run], [cache[j] for j in run], run[0]))
+        if args is None:
+            close_run()
+            steps.append(i)
+        else:
+            run.append((i, args))
+    close_run()
     cache.plan = (_generation, steps)
     return steps
 

@@ -507,16 +507,26 @@ typedef struct {
     float *h, *act, *y, *out; /* y [S, H]: each slot's expert output, by sorted position */
 } MoeJob;
 
-static void moe_up(void *ctx, int64_t begin, int64_t end) { /* gate+up rows of every selected expert */
-    MoeJob *j = ctx;
+/* Rows [begin, end) of the runs' expert matrices laid end to end (each `rows` long), the
+ * products of every slot in the run: gate+up rows against the token (down = 0), or down rows
+ * against the slot's activation (down = 1). out[p * rows + row], p the slot's sorted position. */
+static void moe_rows(const MoeJob *j, int64_t begin, int64_t end, int down) {
+    int64_t rows = down ? j->hidden : j->width, k = down ? j->inter : j->hidden;
+    const void *w = down ? j->w2 : j->w13, *s = down ? j->s2 : j->s13;
+    size_t wb = down ? j->b2 : j->b13, sb = down ? j->c2 : j->c13;
+    float *out = down ? j->y : j->h;
     for (int64_t idx = begin, n; idx < end; idx += n) {
-        int64_t r = idx / j->width, row = idx % j->width, e = j->ids[j->order[j->starts[r]]];
-        Weights wt = {j->fmt, j->hidden, j->group, offset(j->w13, j->b13, e), offset(j->s13, j->c13, e)};
-        n = min64(min64(ROWS, end - idx), j->width - row);
-        for (int64_t p = j->starts[r]; p < j->starts[r + 1]; p++)
-            dot_rows(&wt, row, n, &j->xa->acts[j->order[p] / j->topk], j->h + p * j->width + row, 1);
+        int64_t r = idx / rows, row = idx % rows, e = j->ids[j->order[j->starts[r]]];
+        Weights wt = {j->fmt, k, j->group, offset(w, wb, e), offset(s, sb, e)};
+        n = min64(min64(ROWS, end - idx), rows - row);
+        for (int64_t p = j->starts[r]; p < j->starts[r + 1]; p++) {
+            const Act *a = down ? &j->aa->acts[p] : &j->xa->acts[j->order[p] / j->topk];
+            dot_rows(&wt, row, n, a, out + p * rows + row, 1);
+        }
     }
 }
+
+static void moe_up(void *ctx, int64_t begin, int64_t end) { moe_rows(ctx, begin, end, 0); }
 
 static void moe_act(void *ctx, int64_t begin, int64_t end) { /* silu(gate) * up, prepared for down */
     MoeJob *j = ctx;
@@ -528,16 +538,7 @@ static void moe_act(void *ctx, int64_t begin, int64_t end) { /* silu(gate) * up,
     }
 }
 
-static void moe_down(void *ctx, int64_t begin, int64_t end) { /* down rows, expert by expert */
-    MoeJob *j = ctx;
-    for (int64_t idx = begin, n; idx < end; idx += n) {
-        int64_t r = idx / j->hidden, row = idx % j->hidden, e = j->ids[j->order[j->starts[r]]];
-        Weights wt = {j->fmt, j->inter, j->group, offset(j->w2, j->b2, e), offset(j->s2, j->c2, e)};
-        n = min64(min64(ROWS, end - idx), j->hidden - row);
-        for (int64_t p = j->starts[r]; p < j->starts[r + 1]; p++)
-            dot_rows(&wt, row, n, &j->aa->acts[p], j->y + p * j->hidden + row, 1);
-    }
-}
+static void moe_down(void *ctx, int64_t begin, int64_t end) { moe_rows(ctx, begin, end, 1); }
 
 static void moe_sum(void *ctx, int64_t begin, int64_t end) { /* out = sum of weighted slots, fp32 */
     MoeJob *j = ctx;
