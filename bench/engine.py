@@ -81,6 +81,42 @@ def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> tuple[float, fl
     return nbytes / read, 2 * nbytes / copy
 
 
+@torch.inference_mode()
+def gemv_rates(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
+    """Bytes/s of weights our decode product (native.gemv, one token, torch's threads) streams from
+    memory, per weight format, best of `repeats`: the ceiling decode can reach with that kernel,
+    to set beside the read bandwidth (how much of the gap is the kernel's arithmetic)."""
+    from engine import native
+    from engine.qmatmul import quantize_int4, quantize_int8
+
+    if not native.available():
+        return {}
+    k = 4096
+    rates = {}
+    for name, per_weight in (("fp32", 4.0), ("bf16", 2.0), ("int8", 1.0), ("int4 g128", 0.5 + 4 / 128)):
+        n = int(nbytes / per_weight / k) // 64 * 64
+        w = torch.randn(n, k) * 0.02
+        if name == "bf16":
+            w, scale = w.to(torch.bfloat16), None
+        elif name == "int8":
+            w, scale = quantize_int8(w)
+        elif name == "int4 g128":
+            w, scale = quantize_int4(w, 128)
+        else:
+            scale = None
+        size = w.nbytes + (scale.nbytes if scale is not None else 0)
+        x = torch.randn(1, k)
+        native.gemv(x, w, scale)  # warm: build the library, fault the pages in
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            native.gemv(x, w, scale)
+            best = min(best, time.perf_counter() - start)
+        rates[name] = size / best
+        del w, scale
+    return rates
+
+
 def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
     """fp32 GEMM FLOP/s, best of `repeats`."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -246,6 +282,7 @@ def main() -> None:
         load_memory(directory, opts.load_memory)
         return
     read, copy = memory_bandwidth()  # measured again at the end; the larger wins
+    streams = gemv_rates()  # likewise
     bandwidth, flops = max(read, copy), matmul_rate()
     prompt = torch.randint(
         0, BENCH_CONFIG["vocab_size"], (opts.prompt_tokens,), generator=torch.Generator().manual_seed(0)
@@ -297,6 +334,7 @@ def main() -> None:
         late = max(read, copy)
         rows = [(n, tps, ratio, frac * bandwidth / late, p, pf) for n, tps, ratio, frac, p, pf in rows]
         bandwidth = late
+    streams = {name: max(rate, streams[name]) for name, rate in gemv_rates().items()}
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
     print(
         f"\nmemory bandwidth {bandwidth / 1e9:.1f} GB/s (read {read / 1e9:.1f}, copy r+w {copy / 1e9:.1f}) | "
@@ -311,6 +349,13 @@ def main() -> None:
         ratio_s = f"{ratio:.1f}x" if ratio is not None else "-"
         pf_s = f"{100 * pf:.0f} %" if pf is not None else "-"
         print(f"{name:28} {tps:12.2f} {ratio_s:>8} {100 * frac:10.0f} % {prefill_s:17.2f} {pf_s:>20}")
+    if streams:
+        print(
+            "\nour decode product (native.gemv, 1 token) streaming a 256 MiB weight from memory: "
+            "GB/s and % of the read bandwidth (the ceiling for decode with that kernel)"
+        )
+        for name, rate in streams.items():
+            print(f"{name:28} {rate / 1e9:8.1f} GB/s {100 * rate / read:6.0f} %")
     print("\nquality vs engine fp32 (64-token prompt): max |logit error| / max |logit|, greedy tokens agreeing")
     for name, rel, agree in quality:
         print(f"{name:28} {rel:10.2e} {agree:6d} / 32")
