@@ -271,6 +271,28 @@ static float dot_i8(const int8_t *w, const Act *a, int64_t k) {
 }
 
 #if MOERAG_AVX2
+/* R <= 4 int8 rows (rb bytes apart; k a multiple of 32) at once: each chunk's activations and
+ * scale are loaded once for all R rows, whose chains are independent. */
+static inline __attribute__((always_inline)) void dot_i8_rows(const int8_t *w, int64_t rb, const Act *a, int64_t k,
+                                                               float *out, const int R) {
+    __m256 acc[4];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < k / 32; c++) {
+        const int16_t *xc = a->q16 + 32 * c;
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)xc), x1 = _mm256_loadu_si256((const __m256i *)(xc + 16));
+        __m256 s = _mm256_broadcast_ss(a->qs + c);
+        for (int r = 0; r < R; r++) {
+            const int8_t *wc = w + r * rb + 32 * c;
+            _mm_prefetch((const char *)(wc + AHEAD), _MM_HINT_T0);
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wc));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wc + 16)));
+            __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, x0), _mm256_madd_epi16(w1, x1));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]);
+}
+
 /* Two chunks (c, c+1) of packed int4 against their int8 activations (xl: both chunks' 0..15,
  * xh: their 16..31, see q8_pos): 16 int16 sums of 4 products each ([c x8 | c+1 x8]), at most
  * 4 * 15 * 127 = 7620. */
@@ -421,10 +443,28 @@ static inline float row_dot(const Weights *m, int64_t row, const Act *a) {
 
 #define ROWS 4 /* the most rows one dot_rows call takes */
 
-/* out[r * gap] = row (row + r * gap) of m . a for r < n <= ROWS: int4 rows together (dot_i4_rows). */
+/* Whether dot_rows reads the rows of m ROWS at a time (int4 groups >= 64, int8 k % 32 == 0). */
+static inline int rows_together(const Weights *m) {
+    return MOERAG_AVX2 && ((m->fmt == I4 && m->group >= 64) || (m->fmt == I8 && m->k % 32 == 0));
+}
+
+/* out[r * gap] = row (row + r * gap) of m . a for r < n <= ROWS: int4 and int8 rows together
+ * (dot_i4_rows, dot_i8_rows). */
 static inline void dot_rows(const Weights *m, int64_t row, int64_t gap, int64_t n, const Act *a, float *out) {
 #if MOERAG_AVX2
-    if (m->fmt == I4 && m->group >= 64) {
+    if (m->fmt == I8 && rows_together(m)) {
+        const int8_t *w = (const int8_t *)m->w + row * m->k;
+        float v[ROWS];
+        switch (n) {
+            case 4: dot_i8_rows(w, gap * m->k, a, m->k, v, 4); break;
+            case 3: dot_i8_rows(w, gap * m->k, a, m->k, v, 3); break;
+            case 2: dot_i8_rows(w, gap * m->k, a, m->k, v, 2); break;
+            default: dot_i8_rows(w, gap * m->k, a, m->k, v, 1);
+        }
+        for (int64_t r = 0; r < n; r++) out[r * gap] = v[r] * ((const float *)m->scale)[row + r * gap];
+        return;
+    }
+    if (m->fmt == I4 && rows_together(m)) {
         int64_t rb = m->k / 2, sb = 2 * (m->k / m->group);
         const uint8_t *q = (const uint8_t *)m->w + row * rb;
         const uint16_t *sz = (const uint16_t *)m->scale + row * sb;
@@ -446,12 +486,13 @@ static inline void dot_rows(const Weights *m, int64_t row, int64_t gap, int64_t 
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* Rows [first, first + count) of matrix m in blocks for dot_rows. int4 (read ROWS rows a block):
- * as ROWS sequential streams, block b holding rows first + b + {0, q, 2q, ...} (q = count / ROWS),
- * then the count % ROWS left over in one block. ROWS neighbouring rows a block instead start ROWS
- * short streams every block, which the hardware prefetcher does not follow: int4 GEMV from DRAM
- * on 2 cores, rows of 512 B, measured 16 -> 26 GB/s (mean of 8 alternations). Other formats read
- * one row at a time, in order (measured 5-10 % slower as four streams). */
+/* Rows [first, first + count) of matrix m in blocks for dot_rows. Read ROWS rows at a time (int4,
+ * int8): as ROWS sequential streams, block b holding rows first + b + {0, q, 2q, ...}
+ * (q = count / ROWS), then the count % ROWS left over in one block. ROWS neighbouring rows a block
+ * instead start ROWS short streams every block, which the hardware prefetcher does not follow:
+ * int4 GEMV from DRAM on 2 cores, rows of 512 B, measured 16 -> 26 GB/s (mean of 8 alternations),
+ * and int8 rows read four at a time were 10-20 % slower than one at a time that way, 20 % faster
+ * this way. Other formats read one row at a time, in order (measured 5-10 % slower as streams). */
 typedef struct {
     int64_t row, gap, n;
 } RowBlock;
@@ -460,7 +501,7 @@ static inline int64_t row_blocks(int64_t count) { return count / ROWS + (count %
 
 static inline RowBlock row_block(const Weights *m, int64_t first, int64_t count, int64_t b) {
     int64_t q = count / ROWS;
-    if (m->fmt != I4 || m->group < 64) return (RowBlock){first + ROWS * b, 1, min64(ROWS, count - ROWS * b)};
+    if (!rows_together(m)) return (RowBlock){first + ROWS * b, 1, min64(ROWS, count - ROWS * b)};
     if (b < q) return (RowBlock){first + b, q, ROWS};
     return (RowBlock){first + ROWS * q, 1, count - ROWS * q};
 }

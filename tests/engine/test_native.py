@@ -143,7 +143,7 @@ def _rms(v: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> tor
 @pytest.mark.parametrize("position", [0, 7, 8, 37])  # the SIMD path scores 8 positions at a time
 @pytest.mark.parametrize("norm,bias", [(True, False), (False, True)])  # Qwen3 (q/k norm), Qwen2 (biases)
 @pytest.mark.parametrize("d", [16, 72])  # head_dim: values summed 64 channels at a time, then 8
-@pytest.mark.parametrize("fmt", ["f32", "int4"])  # int4 g64: rows four at a time, as four streams
+@pytest.mark.parametrize("fmt", ["f32", "int8", "int4"])  # int8, int4 g64: rows four at a time, as four streams
 def test_attention_step_equals_the_reference(lib, position: int, norm: bool, bias: bool, d: int, fmt: str) -> None:
     torch.manual_seed(position)
     b, heads, kv_heads, hidden, smax = 2, 8, 2, 64, 40
