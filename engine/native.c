@@ -271,6 +271,41 @@ static float dot_i8(const int8_t *w, const Act *a, int64_t k) {
 }
 
 #if MOERAG_AVX2
+/* R <= 4 fp32 rows (rs elements apart; k a multiple of 8) at once, two chains each. */
+static inline __attribute__((always_inline)) void dot_f32_rows(const float *w, int64_t rs, const float *x, int64_t k,
+                                                                float *out, const int R) {
+    __m256 acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 8) {
+        __m256 xi = _mm256_loadu_ps(x + i);
+        for (int r = 0; r < R; r++) {
+            const float *wr = w + r * rs + i;
+            if (!(i & 15)) _mm_prefetch((const char *)wr + AHEAD, _MM_HINT_T0);
+            acc[r][(i >> 3) & 1] = _mm256_fmadd_ps(_mm256_loadu_ps(wr), xi, acc[r][(i >> 3) & 1]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
+/* R <= 4 bf16 rows (rs elements apart; k a multiple of 16) at once, as dot_bf16 does one. */
+static inline __attribute__((always_inline)) void dot_bf16_rows(const uint16_t *w, int64_t rs, const Act *a, int64_t k,
+                                                                 float *out, const int R) {
+    const __m256i high = _mm256_set1_epi32((int)0xFFFF0000u);
+    __m256 acc[4][2];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+        __m256 xe = _mm256_loadu_ps(a->even + i), xo = _mm256_loadu_ps(a->even + i + 8);
+        for (int r = 0; r < R; r++) {
+            const uint16_t *wr = w + r * rs + i;
+            if (!(i & 31)) _mm_prefetch((const char *)wr + AHEAD, _MM_HINT_T0);
+            __m256i v = _mm256_loadu_si256((const __m256i *)wr);
+            acc[r][0] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(v, 16)), xe, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(v, high)), xo, acc[r][1]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum8(_mm256_add_ps(acc[r][0], acc[r][1]));
+}
+
 /* R <= 4 int8 rows (rb bytes apart; k a multiple of 32) at once: each chunk's activations and
  * scale are loaded once for all R rows, whose chains are independent. */
 static inline __attribute__((always_inline)) void dot_i8_rows(const int8_t *w, int64_t rb, const Act *a, int64_t k,
@@ -443,13 +478,20 @@ static inline float row_dot(const Weights *m, int64_t row, const Act *a) {
 
 #define ROWS 4 /* the most rows one dot_rows call takes */
 
-/* Whether dot_rows reads the rows of m ROWS at a time (int4 groups >= 64, int8 k % 32 == 0). */
+/* Whether dot_rows reads the rows of m ROWS at a time (SIMD build; int4 groups >= 64, and k a
+ * whole number of the other kernels' steps: 32 int8, 16 bf16, 8 fp32 weights). */
 static inline int rows_together(const Weights *m) {
-    return MOERAG_AVX2 && ((m->fmt == I4 && m->group >= 64) || (m->fmt == I8 && m->k % 32 == 0));
+    if (!MOERAG_AVX2) return 0;
+    switch (m->fmt) {
+        case F32: return m->k % 8 == 0;
+        case BF16: return m->k % 16 == 0;
+        case I8: return m->k % 32 == 0;
+        default: return m->group >= 64;
+    }
 }
 
-/* out[r * gap] = row (row + r * gap) of m . a for r < n <= ROWS: int4 and int8 rows together
- * (dot_i4_rows, dot_i8_rows). */
+/* out[r * gap] = row (row + r * gap) of m . a for r < n <= ROWS: the rows together when
+ * rows_together (dot_*_rows), else one at a time. */
 static inline void dot_rows(const Weights *m, int64_t row, int64_t gap, int64_t n, const Act *a, float *out) {
 #if MOERAG_AVX2
     if (m->fmt == I8 && rows_together(m)) {
@@ -462,6 +504,24 @@ static inline void dot_rows(const Weights *m, int64_t row, int64_t gap, int64_t 
             default: dot_i8_rows(w, gap * m->k, a, m->k, v, 1);
         }
         for (int64_t r = 0; r < n; r++) out[r * gap] = v[r] * ((const float *)m->scale)[row + r * gap];
+        return;
+    }
+    if ((m->fmt == BF16 || m->fmt == F32) && rows_together(m)) {
+        float v[ROWS];
+#define ROWS_OF(KERNEL, T, X)                                                     \
+    switch (n) {                                                                  \
+        case 4: KERNEL((const T *)m->w + row * m->k, gap * m->k, X, m->k, v, 4); break; \
+        case 3: KERNEL((const T *)m->w + row * m->k, gap * m->k, X, m->k, v, 3); break; \
+        case 2: KERNEL((const T *)m->w + row * m->k, gap * m->k, X, m->k, v, 2); break; \
+        default: KERNEL((const T *)m->w + row * m->k, gap * m->k, X, m->k, v, 1);       \
+    }
+        if (m->fmt == BF16) {
+            ROWS_OF(dot_bf16_rows, uint16_t, a)
+        } else {
+            ROWS_OF(dot_f32_rows, float, a->f)
+        }
+#undef ROWS_OF
+        for (int64_t r = 0; r < n; r++) out[r * gap] = v[r];
         return;
     }
     if (m->fmt == I4 && rows_together(m)) {
@@ -486,13 +546,13 @@ static inline void dot_rows(const Weights *m, int64_t row, int64_t gap, int64_t 
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* Rows [first, first + count) of matrix m in blocks for dot_rows. Read ROWS rows at a time (int4,
- * int8): as ROWS sequential streams, block b holding rows first + b + {0, q, 2q, ...}
+/* Rows [first, first + count) of matrix m in blocks for dot_rows. Read ROWS rows at a time
+ * (rows_together): as ROWS sequential streams, block b holding rows first + b + {0, q, 2q, ...}
  * (q = count / ROWS), then the count % ROWS left over in one block. ROWS neighbouring rows a block
  * instead start ROWS short streams every block, which the hardware prefetcher does not follow:
- * int4 GEMV from DRAM on 2 cores, rows of 512 B, measured 16 -> 26 GB/s (mean of 8 alternations),
- * and int8 rows read four at a time were 10-20 % slower than one at a time that way, 20 % faster
- * this way. Other formats read one row at a time, in order (measured 5-10 % slower as streams). */
+ * int4 GEMV from DRAM on 2 cores, rows of 512 B, measured 16 -> 26 GB/s (mean of 8 alternations);
+ * int8 rows four at a time were 10-20 % slower than one at a time that way, 20-30 % faster this
+ * way. Rows read one at a time go in order (measured 5-10 % slower as four streams). */
 typedef struct {
     int64_t row, gap, n;
 } RowBlock;

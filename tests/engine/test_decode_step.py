@@ -48,8 +48,9 @@ def test_fused_step_equals_the_module_path(tiny_checkpoint, monkeypatch, name, d
     # Same kernels in the same order; only the routing softmax (expf vs torch) may differ in the
     # last bits, so fp32 summation-order tolerance. int4 rounds activations to int8 per group: a
     # last-bit difference upstream can move one of those roundings by a step (1/127 of the
-    # group's largest value), hence 1e-3 there; a different expert or token would be far larger.
-    tolerance = 1e-3 if scheme == "int4" else 1e-4
+    # group's largest value): measured up to 2.9e-3 of the largest logit (Mixtral, one step of
+    # six; 1e-6 on the others), hence 1e-2 there. A different token makes every later step differ.
+    tolerance = 1e-2 if scheme == "int4" else 1e-4
     assert (fused - modules).abs().max() <= tolerance * modules.abs().max()
 
 

@@ -74,7 +74,7 @@ def expected_moe(x, w13, s13, w2, s2, weights, ids, simd: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "fmt,k,group",
-    [("f32", 77, 32), ("bf16", 77, 32), ("bf16", 256, 32), ("int8", 72, 32), ("int8", 13, 32), ("int8", 96, 32),
+    [("f32", 77, 32), ("f32", 64, 32), ("bf16", 77, 32), ("bf16", 256, 32), ("int8", 72, 32), ("int8", 13, 32), ("int8", 96, 32),
      ("int4", 32, 32), ("int4", 96, 32), ("int4", 256, 64), ("int4", 1024, 128), ("int4", 512, 256)],
 )  # fmt: skip
 @pytest.mark.parametrize("m", [1, 3, 16])
