@@ -406,12 +406,8 @@ static float dot_i4(const uint8_t *q, const uint16_t *sz, int64_t k, int64_t gro
 #if MOERAG_AVX2
     const __m256i ones = _mm256_set1_epi16(1), high = _mm256_set1_epi32((int)0xFFFF0000u);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    if (group >= 64) {
-        float total;
-        dot_i4_rows(q, 0, sz, 0, k, group, a, &total, 1);
-        return total;
-    }
-    /* group 32: one scale per chunk, lanes [c | c+1]; eight groups' scales at a time as in dot_i4_rows */
+    /* Only group 32 comes here (larger groups go four rows at a time, see rows_together): one
+     * scale per chunk, lanes [c | c+1]; eight groups' scales at a time as in dot_i4_rows. */
     __m256 acc = _mm256_setzero_ps(), offs = _mm256_setzero_ps();
     int64_t c = 0;
     for (int64_t g0 = 0; g0 < groups; g0 += 8) {
