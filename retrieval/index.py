@@ -9,6 +9,9 @@ what to add and remove, and `sync` brings any older index up to the store withou
 On disk: one `.npz` per collection holding the serialised index, its ids and the store version
 it reflects; written to a temporary file and renamed over the old one, so a reader or a crash
 sees either the old file or the new one, never half of one.
+
+FAISS allows concurrent searches of one index but nothing alongside an add or a remove, so an
+index that others may be searching is never changed: `synced` returns a caught-up copy.
 """
 
 from __future__ import annotations
@@ -87,25 +90,60 @@ class VectorIndex:
         return n < self.params.exact_max // 2 or n > 4 * self.trained_on
 
     def sync(self, store_ids: np.ndarray, fetch, version: int) -> tuple[int, int]:
-        """Make the index hold exactly `store_ids` (sorted). `fetch(ids)` yields (ids, vecs) batches.
+        """Make this index hold exactly `store_ids` (sorted), in place: only for an index no other
+        thread can see yet (see `synced`). `fetch(ids)` yields (ids, vecs) batches.
 
         Returns (added, removed).
         """
         if self._wants_rebuild(len(store_ids)):
-            batches = list(fetch(None))
-            ids = np.concatenate([b[0] for b in batches]) if batches else np.zeros(0, np.int64)
-            vecs = np.concatenate([b[1] for b in batches]) if batches else np.zeros((0, self.dim), np.float32)
-            self.rebuild(ids, vecs, version)
-            return len(ids), 0
+            return self._rebuild_from(fetch, version), 0
         missing = np.setdiff1d(store_ids, self.ids, assume_unique=True)
         extra = np.setdiff1d(self.ids, store_ids, assume_unique=True)
+        return self._apply(missing, extra, fetch, version)
+
+    def synced(self, store_ids: np.ndarray, fetch, version: int) -> tuple[VectorIndex, int, int]:
+        """A copy holding exactly `store_ids`; this index is left as it is, so searches running on
+        it meanwhile are safe. Returns (index, added, removed).
+
+        The copy shares the FAISS index when no chunk changed, and clones it before an add or a
+        remove (one memcpy of N·D·4 bytes, less than the index file's write costs a writer).
+        """
+        out = VectorIndex(self.dim, self.params, self.version, self.ids, self.index, self.trained_on)
+        if self._wants_rebuild(len(store_ids)):
+            return out, out._rebuild_from(fetch, version), 0
+        missing = np.setdiff1d(store_ids, self.ids, assume_unique=True)
+        extra = np.setdiff1d(self.ids, store_ids, assume_unique=True)
+        if len(missing) or len(extra):
+            out.index = faiss.clone_index(self.index)
+        added, removed = out._apply(missing, extra, fetch, version)
+        return out, added, removed
+
+    def _rebuild_from(self, fetch, version: int) -> int:
+        batches = list(fetch(None))
+        ids = np.concatenate([b[0] for b in batches]) if batches else np.zeros(0, np.int64)
+        vecs = np.concatenate([b[1] for b in batches]) if batches else np.zeros((0, self.dim), np.float32)
+        self.rebuild(ids, vecs, version)
+        return len(ids)
+
+    def _apply(self, missing: np.ndarray, extra: np.ndarray, fetch, version: int) -> tuple[int, int]:
         if len(extra):
             self.index.remove_ids(extra)
+        got = [np.zeros(0, np.int64)]
         for ids, vecs in fetch(missing) if len(missing) else ():
             self.index.add_with_ids(np.ascontiguousarray(vecs, dtype=np.float32), ids)
-        self.ids = store_ids
+            got.append(ids)
+        # What was added, not what was asked for: a chunk deleted between the caller's listing and
+        # this fetch is not in the store any more, and the ids must say what the FAISS index holds.
+        kept = np.setdiff1d(self.ids, extra, assume_unique=True) if len(extra) else self.ids
+        added = np.concatenate(got)
+        if not len(added):
+            self.ids = kept
+        elif not len(kept) or added.min() > kept[-1]:  # new chunks have the largest ids: no sort
+            self.ids = np.concatenate([kept, np.sort(added)])
+        else:
+            self.ids = np.union1d(kept, added)
         self.version = version
-        return len(missing), len(extra)
+        return len(added), len(extra)
 
     # --- searching ----------------------------------------------------------------------------
 
@@ -143,6 +181,15 @@ class VectorIndex:
             "meta": np.array([self.version, self.dim, self.trained_on], dtype=np.int64),
         })
 
+    @staticmethod
+    def saved_version(path: Path) -> int:
+        """The store version an index file reflects, read without loading the index."""
+        try:
+            with np.load(path) as data:
+                return int(data["meta"][0])
+        except (OSError, KeyError, ValueError, IndexError, zipfile.BadZipFile) as exc:
+            raise StoreError(f"The index file {path} is unreadable ({exc}). Rebuild it with: moerag index rebuild") from exc
+
     @classmethod
     def load(cls, path: Path, params: IndexParams) -> VectorIndex:
         try:
@@ -157,7 +204,8 @@ class VectorIndex:
         return cls(dim=dim, params=params, version=version, ids=ids, index=index, trained_on=trained_on)
 
     def reconstruct(self, ids: np.ndarray) -> np.ndarray:
-        """The stored vectors of `ids` [n] -> [n, D] (used by `moerag index check`)."""
+        """The stored vectors of `ids` [n] -> [n, D] (used by `moerag index check`); changes an IVF
+        index (adds its id map), so only on an index no other thread searches."""
         if self.kind == "ivf":
             self.index.make_direct_map()  # IVF keeps no id -> slot map unless asked
         if not len(ids):

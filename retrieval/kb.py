@@ -1,8 +1,19 @@
 """The knowledge base on disk: one home folder with the SQL store, the derived index files and a lock.
 
-Writers (ingest, delete, rebuild) hold the write lock; readers never take it. A reader's
-FAISS and BM25 indexes are brought up to the store's version before every search, so it sees
-what a writer committed a moment ago, without a restart and without waiting for a saved file.
+Writers (ingest, delete, rebuild) hold the write lock, one at a time across processes; readers
+never take it. A reader's FAISS and BM25 indexes are brought up to the store's version before
+every search, so it sees what a writer committed a moment ago, without a restart.
+
+Threads of one process (the API's threadpool) share the indexes, copy-on-write:
+- A published index (in `_indexes` / `_lexical`) is never changed. A search takes a reference
+  and uses it without any lock, however long, while a newer one is built beside it.
+- Catching up builds a new index (`VectorIndex.synced`, `LexicalIndex.synced`) under a lock of
+  its collection and kind, so one thread does the work and others that need the same version
+  wait for it; searches whose version is already published never wait.
+- An index is published under that lock, replacing an older one only: a lagging thread never
+  puts back a stale index. A writer's index (of its uncommitted transaction) is published only
+  once that transaction committed, so no reader ranks what might still be rolled back.
+- Ids come from the store: a chunk removed between ranking and reading its row is dropped.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from filelock import FileLock, Timeout
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.orm import Session
 
 from retrieval.bm25 import LexicalIndex, expected_postings, fts_rows, fts_tokenizer
@@ -50,19 +61,27 @@ class KnowledgeBase:
         self.home.mkdir(parents=True, exist_ok=True)
         self.store = Store(database_url or f"sqlite:///{self.home / 'moerag.db'}")
         self.index_params = index_params or IndexParams()
+        # Published indexes by collection id: immutable once here, replaced whole (see the docstring).
         self._indexes: dict[int, VectorIndex] = {}
         self._lexical: dict[int, LexicalIndex] = {}
-        self._lexical_lock = threading.Lock()  # one catch-up at a time: a second would repeat the work
-        self._seen_files: dict[Path, int] = {}  # index file -> mtime_ns when last read
+        self._locks: dict[tuple[str, int], threading.Lock] = {}  # (kind, collection id) -> catch-up lock
+        self._locks_guard = threading.Lock()
+        self._seen_files: dict[Path, tuple[int, int]] = {}  # index file -> (mtime_ns, version) when last looked at
 
-    def _file_changed(self, path: Path) -> bool:
-        try:
-            mtime = path.stat().st_mtime_ns
-        except FileNotFoundError:
-            return False
-        changed = self._seen_files.get(path) != mtime
-        self._seen_files[path] = mtime
-        return changed
+    def _catch_up_lock(self, kind: str, coll_id: int) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault((kind, coll_id), threading.Lock())
+
+    def _publish(self, coll_id: int, vi: VectorIndex) -> None:
+        """Make `vi` the index searches use, unless a newer one is there already."""
+        with self._catch_up_lock("faiss", coll_id):
+            self._replace_if_newer(coll_id, vi)
+
+    def _replace_if_newer(self, coll_id: int, vi: VectorIndex) -> None:
+        """Call with the collection's "faiss" lock held."""
+        current = self._indexes.get(coll_id)
+        if current is None or current.dim != vi.dim or current.version < vi.version:
+            self._indexes[coll_id] = vi
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -73,9 +92,10 @@ class KnowledgeBase:
         try:
             lock.acquire(timeout=timeout)
         except Timeout:
+            # No path: this message reaches API clients, who have no business knowing the data directory.
             raise LockedError(
-                f"Another moerag process is writing to the knowledge base in {self.home} "
-                "(an ingest, delete or rebuild). Wait for it to finish and try again; searches keep working meanwhile."
+                "Another moerag process is writing to the knowledge base (an ingest, delete or rebuild). "
+                "Wait for it to finish and try again; searches keep working meanwhile."
             ) from None
         try:
             yield
@@ -88,30 +108,60 @@ class KnowledgeBase:
         return self.home / "index" / f"collection-{coll.id}.npz"
 
     def vector_index(self, session: Session, coll: Collection) -> VectorIndex:
-        """The collection's index, brought up to the store's current version."""
+        """The collection's index at the session's version of the store or later; never changed
+        after it is returned (a later catch-up makes a new one)."""
         vi = self._indexes.get(coll.id)
+        if vi is not None and vi.dim == coll.dim and vi.version >= coll.version:
+            return vi
+        with self._catch_up_lock("faiss", coll.id):
+            vi = self._indexes.get(coll.id)  # another thread may have caught up while this one waited
+            if vi is None or vi.dim != coll.dim or vi.version < coll.version:
+                vi = self._caught_up(session, coll, vi)
+                self._replace_if_newer(coll.id, vi)
+            return vi
+
+    def _caught_up(self, session: Session, coll: Collection, vi: VectorIndex | None) -> VectorIndex:
+        """An index of what `session` sees of the collection, built from `vi` (left unchanged),
+        from a newer file another process saved, or from the stored vectors."""
         path = self.index_path(coll)
         if vi is None or vi.dim != coll.dim:
-            vi = self._open(path, coll)
-        elif vi.version != coll.version and self._file_changed(path):
-            # A writer saved a new generation; start from it when it is ahead of ours.
-            try:
-                on_disk = VectorIndex.load(path, self.index_params)
-                if vi.version < on_disk.version <= coll.version:
-                    vi = on_disk
-            except StoreError:
-                pass
-        if vi.version != coll.version:
-            added, removed = vi.sync(
-                self.store.chunk_ids(session, coll), lambda ids: self.store.vectors(session, coll, ids), coll.version
-            )
+            fresh: VectorIndex | None = self._open(path, coll)
+        else:
+            fresh = self._newer_file(path, vi.version, coll.version)
+        store_ids = self.store.chunk_ids(session, coll)
+        fetch = lambda ids: self.store.vectors(session, coll, ids)  # noqa: E731
+        if fresh is not None:
+            # A file is diffed with the store even at the same version: a writer that saved and then
+            # rolled back leaves a file whose version a later commit reuses. Nobody sees `fresh` yet.
+            vi = fresh
+            added, removed = vi.sync(store_ids, fetch, coll.version)
+        else:
+            vi, added, removed = vi.synced(store_ids, fetch, coll.version)
+        if added or removed:
             log.info("index of '%s' caught up with the store: +%d -%d chunks", coll.name, added, removed)
-        self._indexes[coll.id] = vi
         return vi
+
+    def _newer_file(self, path: Path, have: int, want: int) -> VectorIndex | None:
+        """The index file, when a writer (of another process) saved one ahead of `have` and not
+        beyond `want`: loading it spares fetching every changed vector (or retraining an IVF index)."""
+        try:
+            mtime = path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
+        seen = self._seen_files.get(path)
+        if seen is not None and seen[0] == mtime and not have < seen[1] <= want:
+            return None
+        try:
+            version = VectorIndex.saved_version(path)
+            self._seen_files[path] = (mtime, version)
+            if have < version <= want:
+                return VectorIndex.load(path, self.index_params)
+        except StoreError:
+            pass  # being replaced, or damaged: the store has everything
+        return None
 
     def _open(self, path: Path, coll: Collection) -> VectorIndex:
         if path.exists():
-            self._file_changed(path)  # remember which generation we start from
             try:
                 vi = VectorIndex.load(path, self.index_params)
                 if vi.dim == coll.dim:
@@ -122,11 +172,20 @@ class KnowledgeBase:
         return VectorIndex(dim=coll.dim, params=self.index_params)
 
     def save_index(self, session: Session, coll: Collection) -> VectorIndex:
-        """Bring the index up to date and write it; call with the write lock held."""
-        vi = self.vector_index(session, coll)
-        if vi.index is None:  # an empty collection that never had an index
-            vi.rebuild(np.zeros(0, np.int64), np.zeros((0, coll.dim), np.float32), coll.version)
-        self._save(vi, coll)
+        """Bring the index up to what `session` sees and write it; call with the write lock held.
+
+        The index goes to the readers of this process when the session commits, not before: until
+        then it holds changes that may yet be rolled back.
+        """
+        with self._catch_up_lock("faiss", coll.id):
+            vi = self._indexes.get(coll.id)
+            if vi is None or vi.dim != coll.dim or vi.version != coll.version:
+                vi = self._caught_up(session, coll, vi)
+            if vi.index is None:  # an empty collection that never had an index
+                vi = VectorIndex(dim=coll.dim, params=self.index_params)
+                vi.rebuild(np.zeros(0, np.int64), np.zeros((0, coll.dim), np.float32), coll.version)
+            self._save(vi, coll)
+        event.listen(session, "after_commit", lambda _s, cid=coll.id, v=vi: self._publish(cid, v), once=True)
         return vi
 
     def _save(self, vi: VectorIndex, coll: Collection) -> None:
@@ -135,26 +194,35 @@ class KnowledgeBase:
         for stale in path.parent.glob(path.name + "*.tmp"):
             stale.unlink(missing_ok=True)
         vi.save(path)
+        try:  # this process knows what it wrote: no need to read it back
+            self._seen_files[path] = (path.stat().st_mtime_ns, vi.version)
+        except FileNotFoundError:
+            pass
 
     def rebuild_index(self, session: Session, coll: Collection) -> VectorIndex:
-        """Rebuild from the stored vectors (no re-embedding) and replace the file."""
+        """Rebuild from the stored vectors (no re-embedding) and replace the file and the published
+        index (searches meanwhile keep the old one); call with the write lock held."""
         vi = VectorIndex(dim=coll.dim, params=self.index_params)
         vi.sync(self.store.chunk_ids(session, coll), lambda ids: self.store.vectors(session, coll, ids), coll.version)
         if vi.index is None:
             vi.rebuild(np.zeros(0, np.int64), np.zeros((0, coll.dim), np.float32), coll.version)
-        self._save(vi, coll)
-        self._indexes[coll.id] = vi
+        with self._catch_up_lock("faiss", coll.id):
+            self._save(vi, coll)
+            self._indexes[coll.id] = vi  # replaces one of the same version: the point of a rebuild
         if self.store.is_sqlite:  # the BM25 index too, from the FTS5 table
-            self._lexical.pop(coll.id, None)
-            self.lexical_path(coll).unlink(missing_ok=True)
+            with self._catch_up_lock("bm25", coll.id):
+                self._lexical.pop(coll.id, None)
+                self.lexical_path(coll).unlink(missing_ok=True)
             self.lexical_index(session, coll)
         return vi
 
     def drop_index(self, coll: Collection) -> None:
-        self._indexes.pop(coll.id, None)
-        self.index_path(coll).unlink(missing_ok=True)
-        self._lexical.pop(coll.id, None)
-        self.lexical_path(coll).unlink(missing_ok=True)
+        with self._catch_up_lock("faiss", coll.id):
+            self._indexes.pop(coll.id, None)
+            self.index_path(coll).unlink(missing_ok=True)
+        with self._catch_up_lock("bm25", coll.id):
+            self._lexical.pop(coll.id, None)
+            self.lexical_path(coll).unlink(missing_ok=True)
 
     # --- the BM25 index -----------------------------------------------------------------------
 
@@ -168,21 +236,26 @@ class KnowledgeBase:
         build (seconds at 100k chunks), written whenever its largest segment was rebuilt.
         """
         li = self._lexical.get(coll.id)
-        if li is not None and li.version == coll.version:
+        if li is not None and li.version >= coll.version:
             return li
-        with self._lexical_lock:
-            li = self._lexical.get(coll.id)
+        with self._catch_up_lock("bm25", coll.id):
+            li = self._lexical.get(coll.id)  # another thread may have caught up while this one waited
+            if li is not None and li.version >= coll.version:
+                return li
             if li is None:
                 li = self._open_lexical(session, coll)
             if li.version != coll.version:
                 largest = li.segments[0] if li.segments else None
+                # A new object: searches holding the old one keep a consistent view.
                 li, added, removed = li.synced(
                     self.store.chunk_ids(session, coll), lambda ids: fts_rows(session, ids), coll.version
                 )
                 log.info("BM25 index of '%s' caught up with the store: +%d -%d chunks", coll.name, added, removed)
                 if li.segments and li.segments[0] is not largest:
                     self._save_lexical(li, coll)
-            self._lexical[coll.id] = li
+            current = self._lexical.get(coll.id)
+            if current is None or current.version < li.version:
+                self._lexical[coll.id] = li
         return li
 
     def _open_lexical(self, session: Session, coll: Collection) -> LexicalIndex:

@@ -102,6 +102,11 @@ def search(
         fused = ranked[mode] if mode != "hybrid" else rrf(ranked.values())
         top = fused[:k]
         hits = _hydrate(session, [cid for cid, _ in top])
+        if len(hits) < len(top):
+            # A delete committed while this search ran removed chunks that its index snapshot still
+            # ranked: they are gone, and the candidates behind them move up (rare: one more query).
+            hits.update(_hydrate(session, [cid for cid, _ in fused[k:]]))
+            top = [(cid, score) for cid, score in fused if cid in hits][:k]
     out = []
     for rank, (cid, score) in enumerate(top, 1):
         hit = hits[cid]
@@ -116,7 +121,10 @@ _WORKERS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="moerag-bm25")
 
 def _bm25_in_own_session(kb: KnowledgeBase, coll_id: int, query: str, k: int, allowed: np.ndarray | None):
     with kb.store.session() as session:  # a session is not shared across threads
-        return bm25_ids(kb, session, session.get(Collection, coll_id), query, k, allowed=allowed)
+        coll = session.get(Collection, coll_id)
+        if coll is None:  # deleted since the search began
+            return []
+        return bm25_ids(kb, session, coll, query, k, allowed=allowed)
 
 
 def dense_ids(
