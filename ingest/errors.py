@@ -13,3 +13,7 @@ class LoadError(IngestError):
 
 class EmbedderError(IngestError):
     """The embedding model could not be loaded or used."""
+
+
+class ParseTimeout(LoadError):
+    """Parsing one file took longer than allowed; the worker running it was stopped."""

@@ -2,6 +2,8 @@
 
 Every loader returns the document text plus its structure (pages, heading sections, row groups)
 as `Block`s, and maps every parser failure to a one-line `LoadError` the user sees next to the file.
+Loaders count what they produce against the parse limits (`Budget`) so a bomb fails early; the
+pipeline runs them in a worker process (ingest.isolate) that bounds their time and memory.
 """
 
 import codecs
@@ -25,6 +27,7 @@ from markdown_it import MarkdownIt
 
 from ingest.document import Block, LoadedDoc
 from ingest.errors import LoadError
+from ingest.limits import Budget, ParseLimits, check_zip
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,12 @@ BINARY_HINTS = {
 }
 
 
-def load_file(path: Path, *, max_bytes: int) -> LoadedDoc:
-    """Load one file. Raises `LoadError` (never a library exception) when it cannot be used."""
+def load_file(path: Path, *, max_bytes: int, limits: ParseLimits = ParseLimits()) -> LoadedDoc:
+    """Load one file. Raises `LoadError` (never a library exception) when it cannot be used.
+
+    Text, element and unpacked-size limits are checked here; time and memory are not (run it
+    through ingest.isolate for those). MemoryError propagates, so the caller can name it.
+    """
     try:
         st = path.stat()
     except OSError as exc:
@@ -72,14 +79,17 @@ def load_file(path: Path, *, max_bytes: int) -> LoadedDoc:
     if loader is None:
         _reject_binary(path, suffix)
         loader = load_plain
+    budget = Budget(limits)
     try:
-        return loader(path)
-    except LoadError:
+        doc = loader(path, budget)
+    except (LoadError, MemoryError):
         raise
     except OSError as exc:
         raise LoadError(f"cannot read file: {exc.strerror or exc}") from exc
     except Exception as exc:  # safety net: a loader must never let a parser exception escape
         raise LoadError(f"could not parse {suffix or 'file'}: {_short(exc)}") from exc
+    budget.check_text(len(doc.text))
+    return doc
 
 
 def load_text(text: str, *, title: str, doc_type: str = "text") -> LoadedDoc:
@@ -90,7 +100,7 @@ def load_text(text: str, *, title: str, doc_type: str = "text") -> LoadedDoc:
 # Plain text and source code
 
 
-def load_plain(path: Path) -> LoadedDoc:
+def load_plain(path: Path, budget: Budget) -> LoadedDoc:
     data = path.read_bytes()
     if not _looks_like_text(data[:SNIFF_BYTES]):  # e.g. a .ts that is an MPEG video, not TypeScript
         raise LoadError(f"binary content in a '{path.suffix.lower()}' file; expected text")
@@ -170,7 +180,7 @@ _md = MarkdownIt("commonmark")
 _FRONT_MATTER = re.compile(r"\A---\n.*?\n(---|\.\.\.)\n", re.S)
 
 
-def load_markdown(path: Path) -> LoadedDoc:
+def load_markdown(path: Path, budget: Budget) -> LoadedDoc:
     text, encoding = _decode(path.read_bytes())
     # front matter would parse as a setext heading; blank it out (same line count) for parsing
     parse_text = text
@@ -223,8 +233,11 @@ _BLOCK_TAGS = frozenset(
 _HEADINGS = {f"h{n}": n for n in range(1, 7)}
 
 
-def load_html(path: Path) -> LoadedDoc:
+def load_html(path: Path, budget: Budget) -> LoadedDoc:
     data = path.read_bytes()
+    # Opening tags, counted in C before lxml builds a node for each: a page of a million empty
+    # elements would cost gigabytes as a tree.
+    budget.count(data.count(b"<") - data.count(b"</"), what="HTML elements")
     try:
         soup = BeautifulSoup(data, "lxml")
     except Exception as exc:
@@ -296,23 +309,26 @@ class _HtmlText:
 # PDF: a block per page
 
 
-def load_pdf(path: Path) -> LoadedDoc:
+def load_pdf(path: Path, budget: Budget) -> LoadedDoc:
     with _quiet_pypdf(), path.open("rb") as f:
         try:
             reader = pypdf.PdfReader(f)
             if reader.is_encrypted:
                 _decrypt(reader)
             n_pages = len(reader.pages)
-        except LoadError:
+        except (LoadError, MemoryError):
             raise
         except Exception as exc:
             raise LoadError(f"corrupt PDF: {_short(exc)}") from exc
 
         pages: list[tuple[int, str]] = []  # (1-based page number, text)
         skipped: list[int] = []
+        budget.count(n_pages, what="pages")  # before reading any: a page tree can claim millions
         for number in range(1, n_pages + 1):
             try:
                 page_text = reader.pages[number - 1].extract_text() or ""
+            except MemoryError:
+                raise
             except Exception as exc:  # one broken page must not cost the whole file
                 log.debug("%s: page %d unreadable: %s", path, number, exc)
                 skipped.append(number)
@@ -320,6 +336,7 @@ def load_pdf(path: Path) -> LoadedDoc:
             page_text = page_text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
             if page_text.strip():
                 pages.append((number, page_text.strip()))
+                budget.text(len(page_text))
         title = _pdf_title(reader)
 
     if not pages:
@@ -374,10 +391,13 @@ def _quiet_pypdf() -> Iterator[None]:
 # DOCX: paragraphs and tables in order; a block per heading section
 
 
-def load_docx(path: Path) -> LoadedDoc:
+def load_docx(path: Path, budget: Budget) -> LoadedDoc:
+    check_zip(path, budget.limits, kind=".docx")  # before python-docx inflates every part into memory
     try:
         document = docx.Document(str(path))
-        items = list(_docx_items(document))
+        items = list(_docx_items(document, budget))
+    except (LoadError, MemoryError):
+        raise
     except PackageNotFoundError as exc:  # not a zip, or a zip without a Word document in it
         raise LoadError("corrupt .docx: not a Word document package") from exc
     except Exception as exc:  # zipfile.BadZipFile, lxml XMLSyntaxError, KeyError, ...
@@ -390,7 +410,7 @@ def load_docx(path: Path) -> LoadedDoc:
     return _doc(core_title or styled_title or path.stem, text, spans, "docx", {})
 
 
-def _docx_items(document) -> Iterator[tuple[int | None, str]]:
+def _docx_items(document, budget: Budget) -> Iterator[tuple[int | None, str]]:
     """(heading level, text) per paragraph or table: 0 = "Title" style, None = body text."""
     for item in document.iter_inner_content():
         if isinstance(item, Table):
@@ -398,16 +418,20 @@ def _docx_items(document) -> Iterator[tuple[int | None, str]]:
             for row in item.rows:
                 cells, seen = [], set()
                 for cell in row.cells:
+                    budget.count(what="paragraphs and table cells")
                     if id(cell._tc) in seen:  # a merged cell is repeated once per grid column
                         continue
                     seen.add(id(cell._tc))
                     cells.append(_squash(cell.text))
+                    budget.text(len(cells[-1]))
                 if any(cells):
                     rows.append(" | ".join(cells))
             if rows:
                 yield None, "\n".join(rows)
             continue
+        budget.count(what="paragraphs and table cells")
         para = item.text.strip()
+        budget.text(len(para))
         if para:
             yield _docx_heading_level(item), para
 
@@ -431,7 +455,7 @@ def _docx_core_title(document) -> str:
 # CSV / TSV: one line per row, "column: value; ...", blocks of rows
 
 
-def load_csv(path: Path) -> LoadedDoc:
+def load_csv(path: Path, budget: Budget) -> LoadedDoc:
     raw, encoding = _decode(path.read_bytes())
     delimiter = "\t" if path.suffix.lower() == ".tsv" else None
     if delimiter is None:
@@ -440,8 +464,12 @@ def load_csv(path: Path) -> LoadedDoc:
         except csv.Error:
             delimiter = ","
     reader = csv.reader(io.StringIO(raw), delimiter=delimiter)
+    rows = []
     try:
-        rows = [row for row in reader if any(cell.strip() for cell in row)]
+        for row in reader:
+            budget.count(what="rows")
+            if any(cell.strip() for cell in row):
+                rows.append(row)
     except csv.Error as exc:
         raise LoadError(f"malformed CSV at line {reader.line_num}: {_short(exc)}") from exc
     if not rows:
@@ -476,11 +504,11 @@ def _grouped_lines(lines: list[str], per_block: int) -> tuple[str, list[tuple]]:
 # JSON / JSONL: "path.to.key: value" lines
 
 
-def load_json(path: Path) -> LoadedDoc:
+def load_json(path: Path, budget: Budget) -> LoadedDoc:
     raw, encoding = _decode(path.read_bytes())
     try:
         data = json.loads(raw)
-        entries = _json_entries(data)
+        entries = _json_entries(data, budget)
     except json.JSONDecodeError as exc:
         raise LoadError(f"invalid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from exc
     except RecursionError as exc:
@@ -507,26 +535,27 @@ def _add_group(text: str, spans: list, group: list[tuple[str | None, list[str]]]
     return f"{text}\n{body}" if text else body
 
 
-def _json_entries(data) -> list[tuple[str | None, list[str]]]:
+def _json_entries(data, budget: Budget) -> list[tuple[str | None, list[str]]]:
     """Top-level entries as (key, rendered lines)."""
     if isinstance(data, dict) and data:
-        return [(str(k), _json_lines(v, str(k))) for k, v in data.items()]
+        return [(str(k), _json_lines(v, str(k), budget)) for k, v in data.items()]
     if isinstance(data, list) and data:
-        return [(None, _json_lines(v, f"[{i}]")) for i, v in enumerate(data)]
-    return [(None, _json_lines(data, ""))]
+        return [(None, _json_lines(v, f"[{i}]", budget)) for i, v in enumerate(data)]
+    return [(None, _json_lines(data, "", budget))]
 
 
-def _json_lines(value, prefix: str) -> list[str]:
+def _json_lines(value, prefix: str, budget: Budget) -> list[str]:
     if isinstance(value, dict) and value:
         out = []
         for k, v in value.items():
-            out += _json_lines(v, f"{prefix}.{k}" if prefix else str(k))
+            out += _json_lines(v, f"{prefix}.{k}" if prefix else str(k), budget)
         return out
     if isinstance(value, list) and value:
         out = []
         for i, v in enumerate(value):
-            out += _json_lines(v, f"{prefix}[{i}]")
+            out += _json_lines(v, f"{prefix}[{i}]", budget)
         return out
+    budget.count(what="JSON values")
     if isinstance(value, str):
         rendered = value.strip()
     else:
@@ -534,7 +563,7 @@ def _json_lines(value, prefix: str) -> list[str]:
     return [f"{prefix}: {rendered}" if prefix else rendered]
 
 
-def load_jsonl(path: Path) -> LoadedDoc:
+def load_jsonl(path: Path, budget: Budget) -> LoadedDoc:
     raw, encoding = _decode(path.read_bytes())
     text, spans = "", []
     for number, line in enumerate(raw.split("\n"), start=1):
@@ -542,7 +571,7 @@ def load_jsonl(path: Path) -> LoadedDoc:
             continue
         try:
             record = json.loads(line)
-            body = "\n".join(_json_lines(record, ""))
+            body = "\n".join(_json_lines(record, "", budget))
         except json.JSONDecodeError as exc:
             raise LoadError(f"invalid JSON on line {number}: {exc.msg}") from exc
         except RecursionError as exc:
@@ -612,7 +641,7 @@ def _num(x: float) -> str:
     return f"{x:.1f}".removesuffix(".0")
 
 
-LOADERS: dict[str, Callable[[Path], LoadedDoc]] = {
+LOADERS: dict[str, Callable[[Path, Budget], LoadedDoc]] = {
     **{s: load_plain for s in sorted(PLAIN_SUFFIXES | CODE_SUFFIXES)},
     ".md": load_markdown,
     ".markdown": load_markdown,

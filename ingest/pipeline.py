@@ -6,6 +6,10 @@ then every document of the batch is written — document row, chunks, vectors, l
 one transaction. A crash loses at most the batch in flight; nothing half-written is ever
 committed. The FAISS file is saved every `save_every_s` and at the end; if the process dies in
 between, the next open catches the index up from the store (see retrieval.kb).
+
+Each file is parsed in a worker process under the parse limits (see ingest.isolate), so one
+bad file fails alone, with its reason, within `parse_timeout` seconds: the write lock held for
+the run is never held by a parser for longer than that.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import select
@@ -23,7 +28,11 @@ from sqlalchemy import select
 from ingest.chunker import chunk_document
 from ingest.document import Chunk, LoadedDoc
 from ingest.embedder import Embedder
-from ingest.errors import IngestError, LoadError
+from ingest.errors import LoadError
+from ingest.files import Found, read_state, too_large, walk
+from ingest.files import sha256_file as _sha256_file
+from ingest.isolate import file_parsers, parse_file
+from ingest.limits import ParseLimits
 from ingest.loaders import load_file, load_text
 from retrieval.kb import KnowledgeBase
 from retrieval.store import Collection, Document
@@ -67,6 +76,8 @@ class IngestOptions:
     max_bytes: int = 50 * 1024 * 1024
     batch_chunks: int = 512  # chunks embedded per call (length-sorted within it) and committed together
     save_every_s: float = 60.0  # during long ingests, save the FAISS file this often
+    limits: ParseLimits = ParseLimits()  # each file is parsed in a worker process under these
+    lock_wait: float = 30.0  # seconds each write waits for another writer before LockedError
 
 
 class Progress:
@@ -99,36 +110,24 @@ class _Pending:
 # --- finding the files ---------------------------------------------------------------------------
 
 
-def walk(paths: Iterable[Path]) -> list[Path]:
-    """Files named, and files under folders named (recursively, sorted, hidden ones skipped)."""
-    out: list[Path] = []
-    for p in paths:
-        p = Path(p).expanduser()
-        if not p.exists():
-            raise IngestError(f"No such file or folder: {p}")
-        if p.is_file():
-            out.append(p.resolve())
+def _file_items(found: list[Found], max_bytes: int) -> Iterator[_Item]:
+    """One item per entry found; each file is looked at (and hashed) only when its turn comes, so
+    one that vanished or changed since the walk fails alone, with its reason."""
+    for f in found:
+        item = _Item(source=str(f.path), load=lambda p=f.path: load_file(p, max_bytes=max_bytes))
+        if f.problem:
+            item.too_large = f.problem  # the field carries any reason known before reading
+            yield item
             continue
-        for root, dirs, files in os.walk(p, followlinks=False):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            out.extend(Path(root, f).resolve() for f in sorted(files) if not f.startswith("."))
-    return list(dict.fromkeys(out))
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _file_items(files: list[Path], max_bytes: int) -> Iterator[_Item]:
-    for path in files:
-        st = path.stat()
-        item = _Item(source=str(path), load=lambda p=path: load_file(p, max_bytes=max_bytes), size=st.st_size, mtime=st.st_mtime)
-        if st.st_size > max_bytes:
-            item.too_large = f"too large ({st.st_size / 2**20:.1f} MB > limit {max_bytes / 2**20:.0f} MB; raise MOERAG_MAX_FILE_MB)"
+        try:
+            state = read_state(f.path, max_bytes=max_bytes)
+        except LoadError as exc:
+            item.too_large = str(exc)
+            yield item
+            continue
+        item.size, item.mtime, item.sha256 = state.size, state.mtime, state.sha256
+        if state.sha256 is None:
+            item.too_large = too_large(state.size, max_bytes)
         yield item
 
 
@@ -146,14 +145,23 @@ def ingest_paths(
     progress: Progress | None = None,
 ) -> IngestReport:
     """Ingest files and folders; with `prune`, remove documents under `paths` whose files are gone."""
+    file_parsers().warm()  # the parsing worker imports its parsers while the files are walked
     paths = [Path(p).expanduser() for p in paths]
     files = walk(paths)
-    items = _file_items(files, options.max_bytes)
+    items = _contained(_file_items(files, options.max_bytes), options)
     report = _run(kb, embedder, items, len(files), collection=collection, options=options, progress=progress)
     if prune:
         roots = [str(p.resolve()) for p in paths]
-        _prune(kb, report, roots)
+        _prune(kb, report, roots, lock_wait=options.lock_wait)
     return report
+
+
+def _contained(items: Iterator[_Item], options: IngestOptions) -> Iterator[_Item]:
+    """Files are parsed in a worker process under the parse limits (ingest.isolate): a parser that
+    hangs, bloats or crashes costs its file, never this process or the write lock held here."""
+    for item in items:
+        item.load = partial(parse_file, Path(item.source), max_bytes=options.max_bytes, limits=options.limits)
+        yield item
 
 
 def ingest_records(
@@ -179,43 +187,43 @@ def ingest_records(
 
 
 def _run(kb, embedder, items, total, *, collection, options, progress) -> IngestReport:
+    """Parse, chunk and embed outside the write lock; take it only for each write (a batch's
+    commit, a failure's record, an index save), so a slow file or a long embedding never keeps
+    other writers (uploads, deletes, another ingest) waiting for more than one batch's commit."""
     progress = progress or Progress()
     report = IngestReport(collection=collection)
     t0 = time.perf_counter()
     budget = min(options.chunk_tokens, embedder.max_tokens)
-    with kb.write_lock():
+    with kb.write_lock(timeout=options.lock_wait), kb.store.session() as session:
+        coll = kb.store.get_or_create_collection(session, collection, embed_model=embedder.name, dim=embedder.dim)
+        coll_id = coll.id
+    progress.start(total)
+    pending: list[_Pending] = []
+    n_pending = 0
+    last_save = time.perf_counter()
+    for item in items:
         with kb.store.session() as session:
-            coll = kb.store.get_or_create_collection(session, collection, embed_model=embedder.name, dim=embedder.dim)
-            coll_id = coll.id
-        progress.start(total)
-        pending: list[_Pending] = []
-        n_pending = 0
-        last_save = time.perf_counter()
-        for item in items:
-            with kb.store.session() as session:
-                coll = session.get(Collection, coll_id)
-                existing = kb.store.document_by_source(session, coll, item.source)
-            result = _prepare(item, existing, embedder, budget, options)
-            if isinstance(result, FileResult):
-                if result.status == "failed":
-                    result.error = _record_failure(kb, coll_id, item, result.error)
-                report.results.append(result)
-                progress.advance(files=1)
-                continue
-            pending.append(result)
-            n_pending += len(result.chunks)
-            if n_pending >= options.batch_chunks:
-                report.embed_seconds += _flush(kb, embedder, coll_id, pending, report, progress)
-                pending, n_pending = [], 0
-                if time.perf_counter() - last_save > options.save_every_s:
-                    # Bound how far the index file can lag the store if this process dies.
-                    with kb.store.session() as session:
-                        kb.save_index(session, session.get(Collection, coll_id))
-                    last_save = time.perf_counter()
-        if pending:
-            report.embed_seconds += _flush(kb, embedder, coll_id, pending, report, progress)
-        with kb.store.session() as session:
-            kb.save_index(session, session.get(Collection, coll_id))
+            coll = session.get(Collection, coll_id)
+            existing = kb.store.document_by_source(session, coll, item.source)
+        result = _prepare(item, existing, embedder, budget, options)
+        if isinstance(result, FileResult):
+            if result.status == "failed":
+                result.error = _record_failure(kb, coll_id, item, result.error, lock_wait=options.lock_wait)
+            report.results.append(result)
+            progress.advance(files=1)
+            continue
+        pending.append(result)
+        n_pending += len(result.chunks)
+        if n_pending >= options.batch_chunks:
+            # Bound how far the index file can lag the store if this process dies.
+            save = time.perf_counter() - last_save > options.save_every_s
+            report.embed_seconds += _flush(kb, embedder, coll_id, pending, report, progress,
+                                           lock_wait=options.lock_wait, save=save)
+            pending, n_pending = [], 0
+            if save:
+                last_save = time.perf_counter()
+    report.embed_seconds += _flush(kb, embedder, coll_id, pending, report, progress, lock_wait=options.lock_wait,
+                                   save=True)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -246,40 +254,47 @@ def _prepare(item: _Item, existing: Document | None, embedder: Embedder, budget:
     return _Pending(item, doc, chunks)
 
 
-def _flush(kb, embedder, coll_id, pending: list[_Pending], report: IngestReport, progress: Progress) -> float:
-    """Embed a batch of documents' chunks and commit them together; returns embedding seconds."""
+def _flush(kb, embedder, coll_id, pending: list[_Pending], report: IngestReport, progress: Progress, *,
+           lock_wait: float, save: bool) -> float:
+    """Embed a batch of documents' chunks (no lock held), then commit them together under the
+    write lock, saving the index file too when `save`; returns embedding seconds."""
     texts = [c.embed_text for p in pending for c in p.chunks]
     t0 = time.perf_counter()
-    vectors = embedder.encode(texts)  # [N, D]
+    vectors = embedder.encode(texts) if texts else None  # [N, D]
     embed_seconds = time.perf_counter() - t0
     offset = 0
-    with kb.store.session() as session:
-        coll = session.get(Collection, coll_id)
-        for p in pending:
-            doc = kb.store.document_by_source(session, coll, p.item.source)
-            status = "updated" if doc is not None else "added"
-            if doc is None:
-                doc = Document(collection_id=coll.id, source=p.item.source)
-                session.add(doc)
-            doc.title = p.doc.title
-            doc.doc_type = p.doc.doc_type
-            doc.sha256, doc.size, doc.mtime = p.item.sha256, p.item.size, p.item.mtime
-            doc.status, doc.error, doc.text = "ok", None, p.doc.text
-            session.flush()
-            rows = [
-                dict(text=c.text, page=c.page, heading=c.heading, start=c.start, end=c.end, n_tokens=c.n_tokens)
-                for c in p.chunks
-            ]
-            kb.store.replace_chunks(session, coll, doc, rows, vectors[offset : offset + len(rows)])
-            offset += len(rows)
-            report.results.append(FileResult(p.item.source, status, chunks=len(rows)))
-    progress.advance(files=len(pending), chunks=len(texts))
+    with kb.write_lock(timeout=lock_wait):
+        with kb.store.session() as session:
+            coll = session.get(Collection, coll_id)
+            for p in pending:
+                doc = kb.store.document_by_source(session, coll, p.item.source)
+                status = "updated" if doc is not None else "added"
+                if doc is None:
+                    doc = Document(collection_id=coll.id, source=p.item.source)
+                    session.add(doc)
+                doc.title = p.doc.title
+                doc.doc_type = p.doc.doc_type
+                doc.sha256, doc.size, doc.mtime = p.item.sha256, p.item.size, p.item.mtime
+                doc.status, doc.error, doc.text = "ok", None, p.doc.text
+                session.flush()
+                rows = [
+                    dict(text=c.text, page=c.page, heading=c.heading, start=c.start, end=c.end, n_tokens=c.n_tokens)
+                    for c in p.chunks
+                ]
+                kb.store.replace_chunks(session, coll, doc, rows, vectors[offset : offset + len(rows)])
+                offset += len(rows)
+                report.results.append(FileResult(p.item.source, status, chunks=len(rows)))
+        if save:  # after the commit: an index file never holds what the store does not
+            with kb.store.session() as session:
+                kb.save_index(session, session.get(Collection, coll_id))
+    if pending:
+        progress.advance(files=len(pending), chunks=len(texts))
     return embed_seconds
 
 
-def _record_failure(kb: KnowledgeBase, coll_id: int, item: _Item, error: str) -> str:
+def _record_failure(kb: KnowledgeBase, coll_id: int, item: _Item, error: str, *, lock_wait: float) -> str:
     """A failed file is recorded so it is listed; a previous good version keeps its chunks."""
-    with kb.store.session() as session:
+    with kb.write_lock(timeout=lock_wait), kb.store.session() as session:
         coll = session.get(Collection, coll_id)
         doc = kb.store.document_by_source(session, coll, item.source)
         if doc is None:
@@ -292,8 +307,8 @@ def _record_failure(kb: KnowledgeBase, coll_id: int, item: _Item, error: str) ->
     return error
 
 
-def _prune(kb: KnowledgeBase, report: IngestReport, roots: list[str]) -> None:
-    with kb.write_lock(), kb.store.session() as session:
+def _prune(kb: KnowledgeBase, report: IngestReport, roots: list[str], *, lock_wait: float) -> None:
+    with kb.write_lock(timeout=lock_wait), kb.store.session() as session:
         coll = kb.store.collection(session, report.collection)
         docs = session.scalars(select(Document).where(Document.collection_id == coll.id)).all()
         for doc in docs:
