@@ -1,6 +1,10 @@
 """Main text from a fetched page: trafilatura for HTML (title, date, text), text as is, PDF
 pages via pypdf. Bodies are decoded with the declared charset when it names a real codec,
-else with charset detection."""
+else with charset detection.
+
+`extract` bounds pages and text but not time or memory: a caller that must contain it runs it
+in a worker process (the service does, through ingest.isolate; see web_search's `extract`).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from retrieval.web.fetch import Fetched
 
 log = logging.getLogger(__name__)
 MIN_CHARS = 40  # less than this is a cookie wall or a navigation stub, not content
+MAX_PAGES = 1_000_000  # PDF pages (the service passes MOERAG_MAX_ELEMENTS)
+MAX_CHARS = 20 * 2**20  # extracted characters (the service passes MOERAG_MAX_TEXT_MB)
 
 
 @dataclass
@@ -39,21 +45,31 @@ def decode(body: bytes, declared: str | None) -> str:
     return str(best) if best is not None else body.decode("utf-8", errors="replace")
 
 
-def extract(page: Fetched) -> Extracted:
+def extract(page: Fetched, *, max_pages: int = MAX_PAGES, max_chars: int = MAX_CHARS) -> Extracted:
+    """The page's title, date and main text; ExtractError when there is none or it is too big."""
     if page.content_type == "application/pdf":
         from pypdf import PdfReader
-        from pypdf.errors import PdfReadError
 
         try:
             reader = PdfReader(io.BytesIO(page.body))
-            text = "\n\n".join((p.extract_text() or "").strip() for p in reader.pages)
+            if len(reader.pages) > max_pages:  # before reading any: a page tree can claim millions
+                raise ExtractError(f"too many elements (a PDF of {len(reader.pages):,} pages > {max_pages:,})")
+            texts, chars = [], 0
+            for p in reader.pages:
+                texts.append((p.extract_text() or "").strip())
+                chars += len(texts[-1])
+                if chars > max_chars:
+                    raise ExtractError(f"too much text (more than {max_chars:,} characters)")
+            text = "\n\n".join(texts)
             title = str((reader.metadata or {}).get("/Title") or "")
-        except (PdfReadError, ValueError, KeyError, OSError) as exc:
+        except ExtractError:
+            raise
+        except Exception as exc:  # PdfReadError, pypdf's LimitReachedError, ...: a hostile PDF fails alone
             raise ExtractError(f"unreadable PDF ({exc})") from exc
         return _checked(Extracted(title, None, text))
     text = decode(page.body, page.charset)
     if page.content_type == "text/plain":
-        return _checked(Extracted("", None, text))
+        return _checked(Extracted("", None, text[:max_chars]))
     import trafilatura
 
     doc = trafilatura.bare_extraction(text, url=page.final_url, with_metadata=True, include_tables=True)

@@ -2,12 +2,17 @@
 time budget. Pages that cannot be fetched or read fall back to the search snippet (and say so);
 pages the address guard refuses are left out. Every result that was refused or failed is
 listed in `skipped` with its reason.
+
+Extraction is a parameter: by default it runs in this process, where nothing can stop it at the
+deadline (its result is then dropped); the service passes one that runs in a worker process
+which is killed at the deadline, so no extraction outlives the budget.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from urllib.parse import urldefrag, urlsplit
@@ -15,12 +20,20 @@ from urllib.parse import urldefrag, urlsplit
 from retrieval.store import Store
 from retrieval.web.cache import CachedPage, PageCache
 from retrieval.web.errors import ProviderError, RefusedAddressError, WebError, WebTimeoutError
-from retrieval.web.extract import ExtractError, extract
-from retrieval.web.fetch import FetchError, Limits, fetch, new_client
+from retrieval.web.extract import ExtractError, Extracted, extract
+from retrieval.web.fetch import Fetched, FetchError, Limits, fetch, new_client
 from retrieval.web.guard import Allowlist, Resolver, resolve
 from retrieval.web.providers import PROVIDERS, SearchResult, WebOptions
 
 log = logging.getLogger(__name__)
+
+# (fetched page, deadline as time.monotonic()) -> its text; raises ExtractError with the reason
+Extractor = Callable[[Fetched, float], Extracted]
+
+
+def extract_here(page: Fetched, deadline: float) -> Extracted:
+    """Extraction in this thread; it cannot be stopped at the deadline, only ignored after it."""
+    return extract(page)
 
 
 @dataclass
@@ -53,6 +66,7 @@ def web_search(
     options: WebOptions,
     store: Store | None = None,
     resolver: Resolver = resolve,
+    extractor: Extractor = extract_here,
 ) -> WebResults:
     """Search the web and read the top pages, never past `options.budget` seconds."""
     start = time.monotonic()
@@ -84,7 +98,7 @@ def web_search(
                 out.pages.append(WebPage(r.url, _domain(cached.final_url), cached.title or r.title, cached.text,
                                          cached.fetched_at, r.rank, date=cached.date))
                 continue
-            jobs[pool.submit(_read, r, client, allow, limits, deadline, resolver)] = r
+            jobs[pool.submit(_read, r, client, allow, limits, deadline, resolver, extractor)] = r
         done, pending = wait(jobs, timeout=max(0.0, deadline - time.monotonic()))
         for future in pending:
             future.cancel()
@@ -125,9 +139,16 @@ def _search(pool: ThreadPoolExecutor, query: str, options: WebOptions, deadline:
     return future.result()
 
 
-def _read(r: SearchResult, client, allow: Allowlist, limits: Limits, deadline: float, resolver: Resolver) -> WebPage:
+def _read(r: SearchResult, client, allow: Allowlist, limits: Limits, deadline: float, resolver: Resolver,
+          extractor: Extractor) -> WebPage:
     fetched = fetch(r.url, client, allow=allow, limits=limits, deadline=deadline, resolver=resolver)
-    page = extract(fetched)
+    try:
+        page = extractor(fetched, deadline)
+    except ExtractError:
+        raise
+    except Exception as exc:  # a parser bug costs its page, never the web step
+        log.debug("extracting %s failed", r.url, exc_info=True)
+        raise ExtractError(f"unreadable page ({exc.__class__.__name__}: {str(exc)[:120]})") from exc
     return WebPage(fetched.final_url, _domain(fetched.final_url), page.title or r.title, page.text, time.time(),
                    r.rank, date=page.date)
 

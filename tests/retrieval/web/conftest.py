@@ -74,10 +74,12 @@ class LocalWeb(BaseHTTPRequestHandler):
             return self._send(200, kind, body)
         return self._send(404, "text/plain", b"not found")
 
-    def _send(self, code: int, kind: str, body: bytes):
+    def _send(self, code: int, kind: str, body: bytes, headers: dict[str, str] | None = None):
         self.send_response(code)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         try:
             self.wfile.write(body)
@@ -89,12 +91,13 @@ class LocalWeb(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve_local_web():
-    """The local web on a free port of 127.0.0.1: its base URL while the block runs."""
+def serve_local_web(handler: type[LocalWeb] = LocalWeb):
+    """The local web (or a variant of it) on a free port of 127.0.0.1: its base URL while the block runs."""
     LocalWeb.hits, LocalWeb.hosts, LocalWeb.pages, LocalWeb.results, LocalWeb.search_status = {}, [], {}, [], 200
-    server = ThreadingHTTPServer(("127.0.0.1", 0), LocalWeb)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # Polled every 50 ms rather than 500: shutdown() waits for the next poll, once per test.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}"
