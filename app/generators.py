@@ -4,6 +4,10 @@ A registry from name to class; each class has one job, `stream(request)`, plus w
 service needs to fit a prompt (`context_window`, `count_tokens`) and to make a follow-up
 question standalone (`condense`). `extractive` needs no model and is the default; `engine`
 runs the local MoE engine; `openai` talks to any OpenAI-compatible server.
+
+Stopping: a generator checks `request.cancel` between steps (a decode step, an upstream chunk,
+a sentence) and ends early when it is set; closing the iterator `stream` returned releases
+whatever it holds (the engine's lock, the upstream connection) at once, not at garbage collection.
 """
 
 from __future__ import annotations
@@ -12,8 +16,9 @@ import logging
 import math
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -42,6 +47,7 @@ class Request:
     sources: list[Any]  # service.Source, numbered from 1
     max_tokens: int = 2048
     temperature: float = 0.6
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: stop after the current step
 
 
 @dataclass
@@ -123,7 +129,7 @@ class ExtractiveGenerator:
     def count_tokens(self, text: str) -> int:
         return math.ceil(len(text) / 4)  # only budgets sources; nothing is tokenised
 
-    def condense(self, history: Sequence[dict[str, str]], question: str) -> str:
+    def condense(self, history: Sequence[dict[str, str]], question: str, *, cancel: threading.Event | None = None) -> str:
         return condense_by_rule(history, question)
 
     def stream(self, request: Request) -> Iterator[Delta]:
@@ -132,6 +138,8 @@ class ExtractiveGenerator:
             yield Delta("answer", "The sources do not seem to answer this question.")
             return
         for i, (n, sentence) in enumerate(picked):
+            if request.cancel.is_set():
+                return
             yield Delta("answer", ("" if i == 0 else " ") + f"{sentence} [{n}]")
 
     def pick(self, question: str, sources: Sequence[Any]) -> list[tuple[int, str]]:
@@ -204,6 +212,8 @@ def _clean_condensed(text: str, question: str) -> str:
 
 # --- the local engine -----------------------------------------------------------------------------
 
+ENGINE_WAIT_S = 600.0  # longest wait for the engine behind other answers before giving up with an error
+
 
 class EngineGenerator:
     """The local MoE engine (engine.load_model), loaded on first use and kept."""
@@ -216,10 +226,15 @@ class EngineGenerator:
         self.settings = settings
         self._model = model
         self._lock = threading.Lock()  # one generation at a time: the model is not re-entrant
+        self._loading = threading.Lock()  # the first questions arriving together load the model once
 
     @property
     def model(self) -> Any:
-        if self._model is None:
+        if self._model is not None:
+            return self._model
+        with self._loading:
+            if self._model is not None:
+                return self._model
             import torch
 
             from engine import load_model
@@ -247,27 +262,55 @@ class EngineGenerator:
         """The prompt's exact length: the chat template applied, as generation will see it."""
         return len(self.model.prompt_ids(messages))
 
-    def condense(self, history: Sequence[dict[str, str]], question: str) -> str:
-        text = "".join(d.text for d in self._run(_condense_messages(history, question), 64, 0.0, thinking=False))
+    def condense(self, history: Sequence[dict[str, str]], question: str, *, cancel: threading.Event | None = None) -> str:
+        steps = self._run(_condense_messages(history, question), 64, 0.0, thinking=False, cancel=cancel or threading.Event())
+        text = "".join(d.text for d in steps)
         return _clean_condensed(text, question)
 
     def stream(self, request: Request) -> Iterator[Delta]:
-        yield from self._run(request.messages, request.max_tokens, request.temperature, thinking=None)
+        yield from self._run(request.messages, request.max_tokens, request.temperature, thinking=None, cancel=request.cancel)
 
-    def _run(self, messages: list[dict[str, str]], max_tokens: int, temperature: float, *, thinking: bool | None):
+    def _acquire(self, cancel: threading.Event) -> bool:
+        """Wait for the engine behind other answers; False when cancelled while waiting, so a
+        request whose client left never runs at all."""
+        deadline = time.monotonic() + ENGINE_WAIT_S
+        while not self._lock.acquire(timeout=0.05):
+            if cancel.is_set():
+                return False
+            if time.monotonic() > deadline:
+                raise GeneratorError(
+                    f"The engine has been busy with other answers for {ENGINE_WAIT_S:.0f} s; try again later, or move "
+                    "generation to a server that batches requests (MOERAG_OPENAI_BASE_URL)."
+                )
+        return True
+
+    def _run(self, messages: list[dict[str, str]], max_tokens: int, temperature: float, *, thinking: bool | None,
+             cancel: threading.Event) -> Iterator[Delta]:
         from engine import SamplingParams
         from engine.reasoning import OPEN, ReasoningSplitter
 
         model = self.model
-        with self._lock:
+        if not self._acquire(cancel):
+            return
+        # try/finally rather than `with`: the lock must be released when this generator is closed
+        # or abandoned mid-answer, and the token loop closed with it (its KV cache freed).
+        try:
             ids = model.prompt_ids(messages, enable_thinking=thinking)
             splitter = ReasoningSplitter(starts_in_reasoning=model.tokenizer.decode(ids).rstrip().endswith(OPEN))
             sampling = SamplingParams(temperature=temperature)
-            for _, delta in model.stream_tokens(ids, max_new_tokens=max_tokens, sampling=sampling):
-                for piece in splitter.feed(delta):
-                    yield Delta(piece.kind, piece.text)
+            steps = model.stream_tokens(ids, max_new_tokens=max_tokens, sampling=sampling)
+            try:
+                for _, delta in steps:  # one item per decode step
+                    if cancel.is_set():
+                        break
+                    for piece in splitter.feed(delta):
+                        yield Delta(piece.kind, piece.text)
+            finally:
+                steps.close()
             for piece in splitter.close():
                 yield Delta(piece.kind, piece.text)
+        finally:
+            self._lock.release()
 
 
 # --- an OpenAI-compatible server ------------------------------------------------------------------
@@ -302,29 +345,34 @@ class OpenAIGenerator:
         # English and code (real BPE vocabularies average about 4).
         return math.ceil(len(text) / 3)
 
-    def condense(self, history: Sequence[dict[str, str]], question: str) -> str:
+    def condense(self, history: Sequence[dict[str, str]], question: str, *, cancel: threading.Event | None = None) -> str:
         try:
-            text = "".join(d.text for d in self._run(_condense_messages(history, question), 64, 0.0) if d.kind == "answer")
+            steps = self._run(_condense_messages(history, question), 64, 0.0, cancel=cancel or threading.Event())
+            text = "".join(d.text for d in steps if d.kind == "answer")
         except GeneratorError as exc:
             log.warning("condensing the follow-up question failed (%s); using a rule instead", exc)
             return condense_by_rule(history, question)
         return _clean_condensed(text, question)
 
     def stream(self, request: Request) -> Iterator[Delta]:
-        yield from self._run(request.messages, request.max_tokens, request.temperature)
+        yield from self._run(request.messages, request.max_tokens, request.temperature, cancel=request.cancel)
 
-    def _run(self, messages: list[dict[str, str]], max_tokens: int, temperature: float) -> Iterator[Delta]:
+    def _run(self, messages: list[dict[str, str]], max_tokens: int, temperature: float, *,
+             cancel: threading.Event) -> Iterator[Delta]:
         import openai
 
         from engine.reasoning import ReasoningSplitter
 
         url = self.settings.openai_base_url
+        stream = None
         try:
             stream = self.client.chat.completions.create(
                 model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True
             )
             splitter = ReasoningSplitter()
-            for chunk in stream:
+            for chunk in stream:  # one item per upstream chunk
+                if cancel.is_set():
+                    break
                 if not chunk.choices:
                     continue
                 delta = chunk.choices[0].delta
@@ -347,6 +395,9 @@ class OpenAIGenerator:
             ) from exc
         except openai.APIError as exc:
             raise GeneratorError(f"The server at {url} failed: {exc}") from exc
+        finally:
+            if stream is not None:
+                stream.close()  # hang up on the server: it stops generating for nobody
 
 
 GENERATORS: dict[str, Callable[..., Any]] = {

@@ -3,6 +3,8 @@
 Tables of their own, created on the knowledge base's database next to collections and chunks,
 so one file (or one PostgreSQL database) holds a team's documents and its chat history.
 Callers get plain dataclasses, never ORM rows, so nothing outlives its session.
+An answer that was stopped (client gone, Ctrl-C, a failure) is stored as far as it got, marked
+`stopped`, so every question keeps its answer row and the turns stay paired.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class MessageRow(_Base):
     role: Mapped[str] = mapped_column(String(16))  # user | assistant
     content: Mapped[str] = mapped_column(Text)
     reasoning: Mapped[str] = mapped_column(Text, default="")
-    details: Mapped[str] = mapped_column(Text, default="{}")  # JSON: sources, citations, warnings, timings
+    details: Mapped[str] = mapped_column(Text, default="{}")  # JSON: sources, citations, warnings, timings, stopped
     created_at: Mapped[datetime] = mapped_column(default=_now)
 
     conversation: Mapped[ConversationRow] = relationship(back_populates="messages")
@@ -68,6 +70,7 @@ class Message:
     citations: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    stopped: bool = False  # the answer was cut short; `content` is what was written until then
 
 
 @dataclass
@@ -91,7 +94,7 @@ def _conversation(row: ConversationRow, *, with_messages: bool) -> Conversation:
             d = json.loads(m.details or "{}")
             conv.messages.append(
                 Message(m.id, m.role, m.content, m.reasoning, d.get("sources", []), d.get("citations", []),
-                        d.get("warnings", []), d.get("timings", {}))
+                        d.get("warnings", []), d.get("timings", {}), bool(d.get("stopped", False)))
             )
     return conv
 
@@ -149,8 +152,11 @@ class Conversations:
         citations: list[int] | None = None,
         warnings: list[str] | None = None,
         timings: dict[str, float] | None = None,
+        stopped: bool = False,
     ) -> int:
         details = {"sources": sources or [], "citations": citations or [], "warnings": warnings or [], "timings": timings or {}}
+        if stopped:
+            details["stopped"] = True
         with self.store.session() as session:
             conv = self._row(session, conversation_id)
             if not conv.title and role == "user":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 SNIPPET_CHARS = 300
 MIN_CUT_TOKENS = 48  # a source cut shorter than this says too little to be worth its tokens
 MESSAGE_OVERHEAD = 8  # tokens a chat template adds around each message (role markers, separators)
+STOPPED_NOTE = "Stopped before the answer was complete."
 
 SYSTEM_PROMPT = """\
 You are moerag, an assistant that answers questions from the numbered sources it is given.
@@ -93,6 +95,7 @@ class Answer:
     standalone_question: str = ""
     generator: str = ""
     conversation_id: int | None = None
+    stopped: bool = False  # cut short (client gone, Ctrl-C): `answer` is what was written until then
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +109,7 @@ class Answer:
             "timings": self.timings,
             "generator": self.generator,
             "conversation_id": self.conversation_id,
+            "stopped": self.stopped,
         }
 
 
@@ -326,40 +330,54 @@ class AnswerService:
         self._embedder = embedder
         self._generator = generator
         self._conversations = None
+        # Concurrent first requests (the API's threads) must build each part once, not race to load it.
+        self._building = threading.RLock()
 
     # Lazily built parts: the UI shows the page before the embedder or a model has loaded.
 
     @property
     def kb(self):
-        if self._kb is None:
-            from retrieval.index import IndexParams
-            from retrieval.kb import KnowledgeBase
+        if self._kb is not None:
+            return self._kb
+        with self._building:
+            if self._kb is None:
+                from retrieval.index import IndexParams
+                from retrieval.kb import KnowledgeBase
 
-            s = self.settings
-            params = IndexParams(exact_max=s.exact_index_max, nprobe=s.nprobe)
-            self._kb = KnowledgeBase(s.home, database_url=s.database_url or None, index_params=params)
+                s = self.settings
+                params = IndexParams(exact_max=s.exact_index_max, nprobe=s.nprobe)
+                self._kb = KnowledgeBase(s.home, database_url=s.database_url or None, index_params=params)
         return self._kb
 
     @property
     def embedder(self):
-        if self._embedder is None:
-            from ingest.embedder import get_embedder
+        if self._embedder is not None:
+            return self._embedder
+        with self._building:
+            if self._embedder is None:
+                from ingest.embedder import get_embedder
 
-            self._embedder = get_embedder(self.settings.embed_model)
+                self._embedder = get_embedder(self.settings.embed_model)
         return self._embedder
 
     @property
     def generator(self):
-        if self._generator is None:
-            self._generator = make_generator(self.settings)
+        if self._generator is not None:
+            return self._generator
+        with self._building:
+            if self._generator is None:
+                self._generator = make_generator(self.settings)
         return self._generator
 
     @property
     def conversations(self):
-        if self._conversations is None:
-            from app.history import Conversations
+        if self._conversations is not None:
+            return self._conversations
+        with self._building:
+            if self._conversations is None:
+                from app.history import Conversations
 
-            self._conversations = Conversations(self.kb.store)
+                self._conversations = Conversations(self.kb.store)
         return self._conversations
 
     def collections(self) -> list[str]:
@@ -387,6 +405,7 @@ class AnswerService:
         temperature: float | None = None,
         max_tokens: int | None = None,
         web: bool = False,
+        cancel: threading.Event | None = None,
     ) -> Iterator[Event]:
         """Answer `question` as a stream of events (module docstring); the last is ("done", Answer).
 
@@ -395,39 +414,106 @@ class AnswerService:
         and its answer are appended to it. `temperature` and `max_tokens` override the settings
         for this answer. `web` adds live web results, ranked together with the knowledge base's;
         when the web is unavailable the answer goes on from the knowledge base, with a warning.
+
+        Stopping: once `cancel` is set (a client that left, Ctrl-C) the generator stops after its
+        current step and the stream ends with a "done" Answer marked `stopped`. Closing the stream
+        (`.close()`, from the thread that iterates it: another thread sets `cancel` instead) stops
+        it at once and releases all it holds (the engine, an upstream connection). Either way a
+        stored conversation gets the partial answer, marked stopped, so its turns stay paired and
+        the next question in it works.
         """
         question = question.strip()
         if not question:
             raise ServiceError("The question is empty.")
+        cancel = threading.Event() if cancel is None else cancel
+        if conversation_id is not None:
+            conv = self.conversations.get(conversation_id)
+            if history is None:
+                history = conv.history()
+            collections = collections or conv.collections or None
+        events = self._answer(
+            question, list(history or []), list(collections or [self.settings.collection]), conversation_id=conversation_id,
+            k=k, mode=mode, temperature=temperature, max_tokens=max_tokens, web=web, cancel=cancel,
+        )
+        if conversation_id is None:
+            yield from events
+            return
+        # The question is stored first, so it is kept whatever happens to its answer; every way
+        # out from here (done, stopped, closed, failed) stores an answer row after it.
+        self.conversations.add(conversation_id, "user", question)
+        so_far: dict[str, Any] | None = {"answer": [], "reasoning": [], "sources": []}
+        note = STOPPED_NOTE
+        try:
+            for ev in events:
+                if ev.kind in ("answer", "reasoning"):
+                    so_far[ev.kind].append(ev.data)
+                elif ev.kind == "sources":
+                    so_far["sources"] = ev.data
+                elif ev.kind == "done":
+                    so_far = None
+                    self._store_answer(conversation_id, ev.data)
+                yield ev
+        except Exception as exc:
+            note = f"The answer failed: {exc}"
+            raise
+        finally:
+            events.close()
+            if so_far is not None:
+                self._store_partial(conversation_id, so_far, note)
+
+    def _store_answer(self, conversation_id: int, answer: Answer) -> None:
+        self.conversations.add(
+            conversation_id, "assistant", answer.answer, reasoning=answer.reasoning,
+            sources=[x.to_json() for x in answer.sources], citations=answer.citations, warnings=answer.warnings,
+            timings=answer.timings, stopped=answer.stopped,
+        )
+
+    def _store_partial(self, conversation_id: int, so_far: dict[str, Any], note: str) -> None:
+        """What was streamed of an answer that never finished, marked stopped (never raises: it
+        runs while another exception, or the stream's closing, is under way)."""
+        try:
+            self.conversations.add(
+                conversation_id, "assistant", "".join(so_far["answer"]).strip(),
+                reasoning="".join(so_far["reasoning"]).strip(), sources=[x.to_json() for x in so_far["sources"]],
+                warnings=[note], stopped=True,
+            )
+        except Exception:  # noqa: BLE001 -- logged; the original reason for stopping matters more
+            log.exception("could not store the stopped answer of conversation %s", conversation_id)
+
+    def _answer(
+        self,
+        question: str,
+        history: list[dict[str, str]],
+        names: list[str],
+        *,
+        conversation_id: int | None,
+        k: int | None,
+        mode: str | None,
+        temperature: float | None,
+        max_tokens: int | None,
+        web: bool,
+        cancel: threading.Event,
+    ) -> Iterator[Event]:
+        """The events of one answer (see `stream`), conversations aside."""
         s = self.settings
         gen = self.generator
         if self._embedder is None and (mode or s.search_mode) != "bm25":
             yield Event("status", "loading the embedding model")
             self.embedder  # noqa: B018 -- loaded before the clock starts: a one-off, not per question
         t0 = time.perf_counter()
-        if conversation_id is not None:
-            conv = self.conversations.get(conversation_id)
-            if history is None:
-                history = conv.history()
-            collections = collections or conv.collections or None
-        history = list(history or [])
-        names = list(collections or [s.collection])
         warnings: list[str] = []
-
-        if conversation_id is not None:  # stored first: the question is kept even if generation fails
-            self.conversations.add(conversation_id, "user", question)
 
         standalone = question
         if history:
             yield Event("status", "making the question standalone")
             try:
-                standalone = gen.condense(history, question)
+                standalone = gen.condense(history, question, cancel=cancel)
             except GeneratorError as exc:
                 warnings.append(f"Could not rephrase the follow-up question ({exc}); searching with it as asked.")
                 yield Event("warning", warnings[-1])
         yield Event("status", "searching")
         candidates = self.retrieve(standalone, collections=names, k=k or s.answer_k, mode=mode or s.search_mode)
-        if web:
+        if web and not cancel.is_set():
             yield Event("status", "searching the web")
             candidates, found = self.with_web(standalone, candidates, k=k or s.answer_k)
             for w in found.warnings:
@@ -455,27 +541,39 @@ class AnswerService:
             sources=sources,
             max_tokens=min(max_tokens or s.answer_tokens, gen.context_window - fitted.prompt_tokens),
             temperature=s.temperature if temperature is None else temperature,
+            cancel=cancel,
         )
         cite = CitationFilter(len(sources))
         answer: list[str] = []
         reasoning: list[str] = []
         t_first = t_first_answer = None
-        for delta in gen.stream(request):
-            t_first = t_first or time.perf_counter()
-            if delta.kind == "reasoning":
-                reasoning.append(delta.text)
-                yield Event("reasoning", delta.text)
-                continue
-            t_first_answer = t_first_answer or time.perf_counter()
-            text = cite.feed(delta.text)
-            if text:
-                answer.append(text)
-                yield Event("answer", text)
+        deltas = iter(()) if cancel.is_set() else gen.stream(request)
+        try:
+            for delta in deltas:
+                t_first = t_first or time.perf_counter()
+                if delta.kind == "reasoning":
+                    reasoning.append(delta.text)
+                    yield Event("reasoning", delta.text)
+                    continue
+                t_first_answer = t_first_answer or time.perf_counter()
+                text = cite.feed(delta.text)
+                if text:
+                    answer.append(text)
+                    yield Event("answer", text)
+        finally:
+            # Closed now, not at garbage collection: this releases the engine or the upstream connection.
+            close = getattr(deltas, "close", None)
+            if close is not None:
+                close()
+        stopped = cancel.is_set()
         rest = cite.close()
         if rest:
             answer.append(rest)
             yield Event("answer", rest)
         t_end = time.perf_counter()
+        if stopped:
+            warnings.append(STOPPED_NOTE)
+            yield Event("warning", STOPPED_NOTE)
         if cite.invalid:
             bad = ", ".join(f"[{x}]" for x in dict.fromkeys(cite.invalid))
             warnings.append(
@@ -502,7 +600,7 @@ class AnswerService:
             "tokens_per_s": round(out_tokens / gen_s, 2) if out_tokens > 1 and gen_s > 0 else 0.0,
         }
         yield Event("timings", timings)
-        result = Answer(
+        yield Event("done", Answer(
             question=question,
             answer=answer_text,
             reasoning=reasoning_text,
@@ -513,13 +611,8 @@ class AnswerService:
             standalone_question=standalone,
             generator=gen.name,
             conversation_id=conversation_id,
-        )
-        if conversation_id is not None:
-            self.conversations.add(
-                conversation_id, "assistant", result.answer, reasoning=result.reasoning,
-                sources=[x.to_json() for x in sources], citations=result.citations, warnings=warnings, timings=timings,
-            )
-        yield Event("done", result)
+            stopped=stopped,
+        ))
 
     def web_options(self):
         from retrieval.web import WebOptions
@@ -534,13 +627,31 @@ class AnswerService:
     def search_web(self, query: str, *, k: int):
         """(web chunks ranked for `query`, best first, as Sources; the WebResults with skipped pages)."""
         from datetime import datetime, timezone
+        from functools import partial
 
+        from ingest.errors import LoadError
+        from ingest.isolate import runner
+        from ingest.limits import ParseLimits
         from retrieval.web import WebError, WebResults, rank_web, web_search
+        from retrieval.web.extract import ExtractError, extract
 
         if self.settings.web_provider == "none":
             return [], WebResults(warnings=["Web search is off (MOERAG_WEB_PROVIDER=none); answering from the knowledge base."])
+        limits = ParseLimits.of(self.settings)
+        workers = runner("retrieval.web.extract", "trafilatura")
+        workers.warm()  # a worker's imports overlap the search request
+
+        def contained(page, deadline: float):
+            """Pages are read under the parsing limits in a worker killed at the deadline, so a
+            bomb or a slow PDF costs its page and never outlives the web budget."""
+            call = partial(extract, page, max_pages=limits.max_elements, max_chars=limits.max_chars)
+            try:
+                return workers.run(call, limits=limits, deadline=deadline)
+            except LoadError as exc:  # out of time or memory, or the parser died
+                raise ExtractError(str(exc)) from exc
+
         try:
-            found = web_search(query, options=self.web_options(), store=self.kb.store)
+            found = web_search(query, options=self.web_options(), store=self.kb.store, extractor=contained)
         except WebError as exc:
             found = WebResults(warnings=[f"Web search failed: {exc}"])
         chunks = rank_web(query, found.pages, chunk=self._chunk_text, embed=self.embedder.encode, k=k)
