@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import click
 import typer
@@ -102,12 +106,13 @@ def ingest(
     home: HomeOpt = None,
 ) -> None:
     """Parse, chunk and embed files into a collection; unchanged files are skipped."""
-    from ingest.pipeline import IngestOptions, ingest_paths
+    from app.library import ingest_options
+    from ingest.pipeline import ingest_paths
 
     s = _settings(home, collection=collection)
     kb = _kb(s)
     embedder = _embedder(s)
-    options = IngestOptions(chunk_tokens=s.chunk_tokens, chunk_overlap=s.chunk_overlap, max_bytes=int(s.max_file_mb * 2**20))
+    options = ingest_options(s)
     progress = _RichProgress(err)
     try:
         report = ingest_paths(kb, embedder, paths, collection=s.collection, options=options, prune=prune, progress=progress)
@@ -251,7 +256,7 @@ def docs_rm(
     if not doc_ids and not all_docs:
         raise click.UsageError("Name document ids, or pass --all to empty the collection.")
     s = _settings(home, collection=collection)
-    removed = delete_documents(_kb(s), s.collection, None if all_docs else doc_ids)
+    removed = delete_documents(_kb(s), s.collection, None if all_docs else doc_ids, lock_wait=s.lock_wait)
     out.print(f"Removed {removed} document(s) from '{s.collection}'.")
 
 
@@ -341,28 +346,56 @@ def _service(s: Settings):
     return AnswerService(s)
 
 
+@contextmanager
+def _ctrl_c_stops(cancel: threading.Event) -> Iterator[None]:
+    """While an answer streams, the first Ctrl-C sets `cancel`: the answer stops after its current
+    step and what was written is kept. A second Ctrl-C interrupts at once. Off the main thread
+    (the CLI run in-process) signals cannot be caught, and Ctrl-C is left as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_ctrl_c(_signum: int, _frame: Any) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, on_ctrl_c)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _print_stream(events, *, show_sources: bool = True):
-    """Reasoning dimmed, the answer as it streams, then warnings, sources and timings; returns the Answer."""
+    """Reasoning dimmed, the answer as it streams, then warnings, sources and timings; returns the Answer.
+    However printing ends (Ctrl-C included), `events` is closed: the answer releases what it holds."""
+    from app.service import STOPPED_NOTE
+
     answer = None
     in_reasoning = False
-    for ev in events:
-        if ev.kind == "reasoning":
-            if not in_reasoning:
-                out.print("[dim]thinking…[/]")
-                in_reasoning = True
-            out.print(escape(ev.data), style="dim", end="")
-        elif ev.kind == "answer":
-            if in_reasoning:
-                out.print("\n")
-                in_reasoning = False
-            out.print(escape(ev.data), end="")
-        elif ev.kind == "done":
-            answer = ev.data
+    with closing(events):
+        for ev in events:
+            if ev.kind == "reasoning":
+                if not in_reasoning:
+                    out.print("[dim]thinking…[/]")
+                    in_reasoning = True
+                out.print(escape(ev.data), style="dim", end="")
+            elif ev.kind == "answer":
+                if in_reasoning:
+                    out.print("\n")
+                    in_reasoning = False
+                out.print(escape(ev.data), end="")
+            elif ev.kind == "done":
+                answer = ev.data
     out.print()
     if answer is None:
         return None
+    if answer.stopped:
+        err.print("[yellow]stopped[/]: the answer above is incomplete.")
     for w in answer.warnings:
-        err.print(f"[yellow]note[/]: {escape(w)}")
+        if w != STOPPED_NOTE:
+            err.print(f"[yellow]note[/]: {escape(w)}")
     if show_sources and answer.sources:
         out.print()
         for src in answer.sources:
@@ -388,15 +421,22 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="Print the final answer as JSON (nothing streamed).")] = False,
     home: HomeOpt = None,
 ) -> None:
-    """Answer a question from the knowledge base (and the web with --web), citing sources as [n]."""
+    """Answer a question from the knowledge base (and the web with --web), citing sources as [n].
+    Ctrl-C stops the answer (kept as far as it got, marked stopped) and exits with code 130."""
     s = _settings(home, search_mode=mode)
     service = _service(s)
-    events = service.stream(question, collections=collection or None, k=k, conversation_id=conversation, web=web)
-    if as_json:
-        answer = next(ev.data for ev in events if ev.kind == "done")
-        print(json.dumps(answer.to_json(), ensure_ascii=False, indent=2))
-        return
-    _print_stream(events)
+    cancel = threading.Event()
+    events = service.stream(question, collections=collection or None, k=k, conversation_id=conversation, web=web,
+                            cancel=cancel)
+    with _ctrl_c_stops(cancel):
+        if as_json:
+            with closing(events):
+                answer = next(ev.data for ev in events if ev.kind == "done")
+            print(json.dumps(answer.to_json(), ensure_ascii=False, indent=2))
+        else:
+            answer = _print_stream(events)
+    if answer is not None and answer.stopped:
+        raise typer.Exit(130)
 
 
 @app.command()
@@ -405,7 +445,8 @@ def chat(
     resume: Annotated[Optional[int], typer.Option("--resume", help="Continue a stored conversation.")] = None,
     home: HomeOpt = None,
 ) -> None:
-    """An interactive chat in the terminal (stored; /new starts over, /exit or Ctrl-D quits)."""
+    """An interactive chat in the terminal (stored; /new starts over, /exit or Ctrl-D quits).
+    Ctrl-C during an answer stops it (kept as far as it got); Ctrl-C at the prompt quits."""
     s = _settings(home)
     service = _service(s)
     convs = service.conversations
@@ -432,8 +473,13 @@ def chat(
             conv = convs.create(collections=collection or [])
             out.print("[dim]new conversation[/]")
             continue
+        cancel = threading.Event()
         try:
-            _print_stream(service.stream(line, conversation_id=conv.id, collections=collection or None))
+            with _ctrl_c_stops(cancel):
+                _print_stream(service.stream(line, conversation_id=conv.id, collections=collection or None, cancel=cancel))
+        except KeyboardInterrupt:  # a second Ctrl-C: the stream was closed on the way out, and its row stored
+            out.print()
+            err.print("[yellow]stopped[/]")
         except MoeragError as exc:
             err.print(f"[red]Error:[/] {escape(str(exc))}")
     out.print(f"[dim]Saved as conversation {conv.id}; continue it with: moerag chat --resume {conv.id}[/]")
@@ -494,12 +540,24 @@ def ui(
     host: Annotated[str, typer.Option("--host", help="Address to bind (0.0.0.0 to serve the network).")] = "127.0.0.1",
     home: HomeOpt = None,
 ) -> None:
-    """Start the chat UI in the browser (Streamlit) at http://HOST:PORT."""
+    """Start the chat UI in the browser (Streamlit) at http://HOST:PORT.
+
+    Beyond loopback it needs a sign-in: MOERAG_UI_PASSWORD, or Streamlit's OIDC login."""
     import os
+
+    from app.ui_access import REQUIRE_AUTH_ENV, is_loopback, refusal
 
     s = _settings(home)
     env = {**os.environ, "MOERAG_HOME": str(s.home)}
     script = Path(__file__).with_name("ui.py")
+    # Checked before Streamlit starts: a page open to the network without a sign-in would show
+    # every document to anyone who finds the port.
+    problem = refusal(host, s, script)
+    if problem:
+        err.print(f"[red]Error:[/] {escape(problem)}")
+        raise typer.Exit(2)
+    if not is_loopback(host):
+        env[REQUIRE_AUTH_ENV] = "1"  # the page fails closed if it finds no sign-in either
     cmd = [
         sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(port), "--server.address", host,
         "--server.headless", "true", "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none",
@@ -550,13 +608,15 @@ def keys_create(
         Optional[str], typer.Option("--collections", help="Comma-separated collections the key may use (default: all).")
     ] = None,
     read_only: Annotated[bool, typer.Option("--read-only", help="The key cannot upload or delete documents.")] = False,
+    web: Annotated[bool, typer.Option("--web", help="The key may ask for live web results (off by default).")] = False,
     home: HomeOpt = None,
 ) -> None:
     """Create an API key; its plaintext is printed once, alone on the last line."""
     scope = [c.strip() for c in (collections or "").split(",") if c.strip()]
-    key, plaintext = _keys(_settings(home)).create(name, collections=scope, read_only=read_only)
+    key, plaintext = _keys(_settings(home)).create(name, collections=scope, read_only=read_only, web=web)
     err.print(f"Created key {key.id} '{escape(key.name)}' ({'read-only' if key.read_only else 'read-write'}, "
-              f"collections: {', '.join(key.collections) or 'all'}). It is shown only now; store it safely:")
+              f"collections: {', '.join(key.collections) or 'all'}, web: {'yes' if key.web else 'no'}). "
+              "It is shown only now; store it safely:")
     print(plaintext)
 
 
@@ -565,18 +625,19 @@ def keys_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """API keys (never their plaintext)."""
     rows = [
         {"id": k.id, "name": k.name, "hint": k.hint + "…", "collections": list(k.collections), "read_only": k.read_only,
-         "revoked": k.revoked, "created_at": k.created_at.isoformat()}
+         "web": k.web, "revoked": k.revoked, "created_at": k.created_at.isoformat()}
         for k in _keys(_settings(home)).list()
     ]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{len(rows)} API keys")
-    for col in ("id", "name", "key", "collections", "access", "state"):
+    for col in ("id", "name", "key", "collections", "access", "web", "state"):
         table.add_column(col)
     for r in rows:
         table.add_row(str(r["id"]), escape(r["name"]), r["hint"], escape(", ".join(r["collections"]) or "all"),
-                      "read-only" if r["read_only"] else "read-write", "[red]revoked[/]" if r["revoked"] else "active")
+                      "read-only" if r["read_only"] else "read-write", "yes" if r["web"] else "no",
+                      "[red]revoked[/]" if r["revoked"] else "active")
     out.print(table)
 
 

@@ -27,6 +27,13 @@ class Settings:
     chunk_tokens: int = 256  # target chunk size, embedder tokens (capped at the model's limit)
     chunk_overlap: int = 32  # tokens shared by consecutive chunks of a section
     max_file_mb: float = 50.0  # larger files are skipped with a reason
+    lock_wait: float = 30.0  # seconds a write (ingest batch, upload, delete) waits for another writer
+    # Parsing limits: each file is parsed in a worker process under these; one over a limit fails alone
+    parse_timeout: float = 60.0  # seconds of wall time per file
+    parse_memory_mb: int = 2048  # address space of the parsing worker
+    max_unpacked_mb: float = 200.0  # zip-based formats (docx): members' total uncompressed size
+    max_text_mb: float = 20.0  # extracted text per file (characters, in millions x 1.048576)
+    max_elements: int = 1_000_000  # pages, paragraphs, rows, table cells or JSON values per file
     exact_index_max: int = 100_000  # chunks; above this the FAISS index is approximate (IVF)
     nprobe: int = 32  # IVF lists searched per query
     search_k: int = 10
@@ -57,6 +64,20 @@ class Settings:
     # The HTTP API (`moerag serve`)
     api_cors_origins: str = ""  # comma-separated origins allowed to call the API from a browser (the widget's pages)
     api_max_files: int = 20  # files per upload request
+    api_max_body_mb: float = 4.0  # JSON request bodies; larger ones get 413 before they are read
+    api_max_upload_mb: float = 200.0  # a whole multipart upload request (each file also under max_file_mb)
+    api_max_collections: int = 16  # collections one chat request may search (duplicates removed first)
+    api_max_messages: int = 200  # messages in one chat request
+    api_max_chars: int = 100_000  # characters of all messages of one chat request together
+    api_max_embed_inputs: int = 256  # texts per embeddings request
+    api_max_embed_chars: int = 32_000  # characters of all texts of one embeddings request together (~2 s of CPU here)
+    api_max_tokens: int = 8192  # the most `max_tokens` a request may ask for
+    api_rate_per_minute: int = 120  # requests per key per minute (0: no limit); over it: 429 with Retry-After
+    api_max_concurrent: int = 4  # requests one key may have in flight at once (0: no limit)
+    # The chat UI (`moerag ui`)
+    ui_password: str = ""  # required to open the UI; `moerag ui --host` off loopback refuses to start without it
+    ui_collections: str = ""  # comma-separated collections a UI user may see; empty: all
+    ui_read_only: bool = False  # UI users may not upload or delete documents
 
     @property
     def db_url(self) -> str:
@@ -74,6 +95,15 @@ def _coerce(name: str, kind, raw):
             return int(raw)
         if kind in (float, "float"):
             return float(raw)
+        if kind in (bool, "bool"):
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
         return str(raw)
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"Setting '{name}' (MOERAG_{name.upper()}) must be a {kind}, got {raw!r}") from exc

@@ -20,7 +20,8 @@ def api(tmp_path_factory, embedder):
     from ingest.pipeline import ingest_records
     from retrieval.kb import KnowledgeBase
 
-    s = Settings(home=tmp_path_factory.mktemp("schema") / "home")
+    # The fuzzer sends hundreds of requests with one key: no rate limit, so every one reaches its route.
+    s = Settings(home=tmp_path_factory.mktemp("schema") / "home", api_rate_per_minute=0)
     kb = KnowledgeBase(s.home)
     ingest_records(kb, embedder, [("a", "Tea", "Green tea steeps at 80 degrees for two minutes."),
                                   ("b", "Trains", "The night train leaves Vienna at 21:30.")], collection="default")
