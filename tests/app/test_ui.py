@@ -5,7 +5,6 @@ knowledge base, and document text that tries to inject markup."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
@@ -14,8 +13,8 @@ from app.history import Conversations
 from app.library import list_documents
 from ingest.pipeline import ingest_paths
 from retrieval.kb import KnowledgeBase
+from tests.app.conftest import ask, ask_with_web, run_page
 
-UI = Path(__file__).resolve().parents[2] / "app" / "ui.py"
 DOCS = {
     "tea.md": "# Green tea\n\nSteep green tea at 80 degrees Celsius for two minutes.\n",
     "trains.md": "# Night trains\n\nThe night train from Vienna to Hamburg leaves at 21:30.\n",
@@ -39,18 +38,6 @@ def ui_home(tmp_path, embedder, monkeypatch):
     st.cache_resource.clear()  # the page's AnswerService is cached per process: start fresh
     yield home
     st.cache_resource.clear()
-
-
-def run_page() -> AppTest:
-    at = AppTest.from_file(str(UI), default_timeout=120).run()
-    assert not at.exception, at.exception
-    return at
-
-
-def ask(at: AppTest, question: str) -> AppTest:
-    at.chat_input[0].set_value(question).run()
-    assert not at.exception, at.exception
-    return at
 
 
 def button(at: AppTest, label: str):
@@ -131,12 +118,7 @@ def test_the_web_toggle_adds_labelled_web_sources(ui_home, monkeypatch):
 
     with serve_local_web() as web:
         LocalWeb.results = [{"url": f"{web}/article", "title": "Owls of Europe", "content": "owls"}]
-        for key, value in {"MOERAG_WEB_PROVIDER": "searxng", "MOERAG_SEARXNG_URL": web,
-                           "MOERAG_WEB_ALLOWLIST": "127.0.0.1/32", "MOERAG_WEB_TIMEOUT": "5"}.items():
-            monkeypatch.setenv(key, value)
-        at = run_page()
-        at.toggle[0].set_value(True).run()
-        at = ask(at, "What do barn owls do with their pellets of bone and fur?")
+        at = ask_with_web(monkeypatch, web, "What do barn owls do with their pellets of bone and fur?")
     labels = [e.label for e in at.chat_message[-1].expander]
     assert any("web: 127.0.0.1" in label for label in labels), labels
     assert LocalWeb.hits.get("/article") == 1
