@@ -463,7 +463,8 @@ def create_app(settings: Settings, *, service: AnswerService | None = None) -> F
         names = capped_collections(opts.collections or [req.model])
         for name in names:
             readable(key, name)
-            existing(name)
+            if not opts.web:  # with the web, a collection not made yet is searched as empty, with a warning
+                existing(name)
         capped_messages(req)
         if opts.web and not key.web:
             raise ApiError(403, "This API key may not search the web (the 'web' permission; create a key with: "

@@ -1,8 +1,9 @@
 """Generators: numbered sources + question -> streamed reasoning and answer deltas.
 
 A registry from name to class; each class has one job, `stream(request)`, plus what the
-service needs to fit a prompt (`context_window`, `count_tokens`) and to make a follow-up
-question standalone (`condense`). `extractive` needs no model and is the default; `engine`
+service needs to fit a prompt (`context_window`, `count_tokens`, `count_messages`), to make a
+follow-up question standalone (`condense`) and to report on the answer (`note`,
+`counts_tokens`): the `Generator` protocol. `extractive` needs no model and is the default; `engine`
 runs the local MoE engine; `openai` talks to any OpenAI-compatible server.
 
 Stopping: a generator checks `request.cancel` between steps (a decode step, an upstream chunk,
@@ -19,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 
 from app.settings import Settings
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 class GeneratorError(MoeragError):
     """The generator cannot run: no model, a server that does not answer, a bad reply."""
+
+
+MESSAGE_OVERHEAD = 8  # tokens a chat template adds around each message (role markers, separators)
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,35 @@ class Status:
     model: str  # what runs, in words
     ready: bool  # False when loading would be needed or the server is unknown
     note: str = ""  # e.g. how to configure a real model
+
+
+class Generator(Protocol):
+    """What the service asks of a generator; every class in GENERATORS has all of it."""
+
+    name: str
+    note: str  # a warning every answer carries (why it is only quoted), or ""
+    counts_tokens: bool  # False: nothing is generated, so no completion tokens are reported
+
+    @property
+    def context_window(self) -> int: ...
+
+    def status(self) -> Status: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def count_messages(self, messages: list[dict[str, str]]) -> int:
+        """The whole prompt's length as the model will read it, chat template included."""
+        ...
+
+    def condense(self, history: Sequence[dict[str, str]], question: str, *,
+                 cancel: threading.Event | None = None) -> str: ...
+
+    def stream(self, request: Request) -> Iterator[Delta]: ...
+
+
+def estimate_messages(messages: Sequence[dict[str, str]], count: Callable[[str], int]) -> int:
+    """A prompt's length without its chat template at hand: each message plus a fixed overhead."""
+    return sum(count(m["content"]) + MESSAGE_OVERHEAD for m in messages)
 
 
 # --- the extractive fallback ----------------------------------------------------------------------
@@ -118,6 +151,8 @@ class ExtractiveGenerator:
 
     name = "extractive"
     context_window = 8192
+    note = NO_MODEL_NOTE
+    counts_tokens = False  # quoted sentences are not generated tokens
 
     def __init__(self, settings: Settings, *, max_sentences: int = 3, max_words: int = 90) -> None:
         self.max_sentences = max_sentences
@@ -128,6 +163,9 @@ class ExtractiveGenerator:
 
     def count_tokens(self, text: str) -> int:
         return math.ceil(len(text) / 4)  # only budgets sources; nothing is tokenised
+
+    def count_messages(self, messages: list[dict[str, str]]) -> int:
+        return estimate_messages(messages, self.count_tokens)
 
     def condense(self, history: Sequence[dict[str, str]], question: str, *, cancel: threading.Event | None = None) -> str:
         return condense_by_rule(history, question)
@@ -219,6 +257,8 @@ class EngineGenerator:
     """The local MoE engine (engine.load_model), loaded on first use and kept."""
 
     name = "engine"
+    note = ""
+    counts_tokens = True
 
     def __init__(self, settings: Settings, *, model: Any | None = None) -> None:
         if not settings.model and model is None:
@@ -239,10 +279,15 @@ class EngineGenerator:
 
             from engine import load_model
 
+            from engine.errors import EngineError
+
             s = self.settings
             # The int8/int4 CPU kernels are fast with bfloat16 activations; GPUs prefer bf16 too.
             dtype = torch.bfloat16 if (s.quantize or s.device.startswith("cuda")) else torch.float32
-            self._model = load_model(s.model, dtype=dtype, quantize=s.quantize or None, device=s.device)
+            try:
+                self._model = load_model(s.model, dtype=dtype, quantize=s.quantize or None, device=s.device)
+            except EngineError as exc:  # the message names MOERAG_MODEL's path and the fix
+                raise GeneratorError(str(exc)) from exc
         return self._model
 
     @property
@@ -287,6 +332,7 @@ class EngineGenerator:
     def _run(self, messages: list[dict[str, str]], max_tokens: int, temperature: float, *, thinking: bool | None,
              cancel: threading.Event) -> Iterator[Delta]:
         from engine import SamplingParams
+        from engine.errors import EngineError
         from engine.reasoning import OPEN, ReasoningSplitter
 
         model = self.model
@@ -309,6 +355,8 @@ class EngineGenerator:
                 steps.close()
             for piece in splitter.close():
                 yield Delta(piece.kind, piece.text)
+        except EngineError as exc:  # e.g. a prompt longer than the model's context window
+            raise GeneratorError(str(exc)) from exc
         finally:
             self._lock.release()
 
@@ -324,6 +372,8 @@ class OpenAIGenerator:
     """
 
     name = "openai"
+    note = ""
+    counts_tokens = True
 
     def __init__(self, settings: Settings) -> None:
         if not settings.openai_base_url:
@@ -344,6 +394,9 @@ class OpenAIGenerator:
         # The server's tokenizer is not here; ~3 characters a token errs on the safe side for
         # English and code (real BPE vocabularies average about 4).
         return math.ceil(len(text) / 3)
+
+    def count_messages(self, messages: list[dict[str, str]]) -> int:
+        return estimate_messages(messages, self.count_tokens)
 
     def condense(self, history: Sequence[dict[str, str]], question: str, *, cancel: threading.Event | None = None) -> str:
         try:
@@ -400,7 +453,7 @@ class OpenAIGenerator:
                 stream.close()  # hang up on the server: it stops generating for nobody
 
 
-GENERATORS: dict[str, Callable[..., Any]] = {
+GENERATORS: dict[str, Callable[..., Generator]] = {
     "extractive": ExtractiveGenerator,
     "engine": EngineGenerator,
     "openai": OpenAIGenerator,
@@ -418,7 +471,7 @@ def generator_name(settings: Settings) -> str:
     return "extractive"
 
 
-def make_generator(settings: Settings) -> Any:
+def make_generator(settings: Settings) -> Generator:
     name = generator_name(settings)
     if name not in GENERATORS:
         raise GeneratorError(f"Unknown generator '{name}'; choose one of: {', '.join(GENERATORS)}")
@@ -428,7 +481,9 @@ def make_generator(settings: Settings) -> Any:
 __all__ = [
     "Delta",
     "GENERATORS",
+    "Generator",
     "GeneratorError",
+    "MESSAGE_OVERHEAD",
     "Request",
     "Status",
     "condense_by_rule",

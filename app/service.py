@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from app.generators import GeneratorError, Request, make_generator
+from app.generators import MESSAGE_OVERHEAD, Generator, GeneratorError, Request, estimate_messages, make_generator
 from app.settings import Settings
 from retrieval.errors import MoeragError
 
@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 
 SNIPPET_CHARS = 300
 MIN_CUT_TOKENS = 48  # a source cut shorter than this says too little to be worth its tokens
-MESSAGE_OVERHEAD = 8  # tokens a chat template adds around each message (role markers, separators)
 STOPPED_NOTE = "Stopped before the answer was complete."
 
 SYSTEM_PROMPT = """\
@@ -229,7 +228,7 @@ def fit_prompt(
     for as long as the estimate was short.
     """
     answer_budget = min(answer_tokens, context_window // 2)
-    exact = count_messages or (lambda ms: sum(count(m["content"]) + MESSAGE_OVERHEAD for m in ms))
+    exact = count_messages or (lambda ms: estimate_messages(ms, count))
     shortfall = 0
     for _ in range(6):
         fitted = _fit(question, history, candidates, count, context_window, answer_budget, shortfall)
@@ -323,7 +322,7 @@ class AnswerService:
         *,
         kb: Any | None = None,
         embedder: Any | None = None,
-        generator: Any | None = None,
+        generator: Generator | None = None,
     ) -> None:
         self.settings = settings
         self._kb = kb
@@ -361,7 +360,7 @@ class AnswerService:
         return self._embedder
 
     @property
-    def generator(self):
+    def generator(self) -> Generator:
         if self._generator is not None:
             return self._generator
         with self._building:
@@ -512,7 +511,11 @@ class AnswerService:
                 warnings.append(f"Could not rephrase the follow-up question ({exc}); searching with it as asked.")
                 yield Event("warning", warnings[-1])
         yield Event("status", "searching")
-        candidates = self.retrieve(standalone, collections=names, k=k or s.answer_k, mode=mode or s.search_mode)
+        present, notes = self.searchable(names, web=web)
+        for w in notes:
+            warnings.append(w)
+            yield Event("warning", w)
+        candidates = self.retrieve(standalone, collections=present, k=k or s.answer_k, mode=mode or s.search_mode)
         if web and not cancel.is_set():
             yield Event("status", "searching the web")
             candidates, found = self.with_web(standalone, candidates, k=k or s.answer_k)
@@ -526,7 +529,7 @@ class AnswerService:
 
         fitted = fit_prompt(
             question, history, candidates, count=gen.count_tokens, context_window=gen.context_window,
-            answer_tokens=max_tokens or s.answer_tokens, count_messages=getattr(gen, "count_messages", None),
+            answer_tokens=max_tokens or s.answer_tokens, count_messages=gen.count_messages,
         )
         for w in fitted.warnings:
             warnings.append(w)
@@ -581,14 +584,12 @@ class AnswerService:
                 f"{len(sources)} sources given; removed."
             )
             yield Event("warning", warnings[-1])
-        if gen.name == "extractive":
-            from app.generators import NO_MODEL_NOTE
-
-            warnings.append(NO_MODEL_NOTE)
-            yield Event("warning", NO_MODEL_NOTE)
+        if gen.note:
+            warnings.append(gen.note)
+            yield Event("warning", gen.note)
 
         answer_text, reasoning_text = "".join(answer).strip(), "".join(reasoning).strip()
-        out_tokens = gen.count_tokens(answer_text + reasoning_text) if gen.name != "extractive" else 0
+        out_tokens = gen.count_tokens(answer_text + reasoning_text) if gen.counts_tokens else 0
         gen_s = t_end - (t_first or t_end)
         timings = {
             "retrieval_ms": round((t_retrieved - t0) * 1000, 1),
@@ -679,20 +680,39 @@ class AnswerService:
             out.append(Source(**{**asdict(src), "n": i, "score": score}))
         return out, found
 
+    def searchable(self, names: Sequence[str], *, web: bool, doing: str = "answering from") -> tuple[list[str], list[str]]:
+        """(the collections to search, notes). With the web on, a collection that does not exist
+        yet (a fresh install) is searched as empty, with a note, so web-only questions work; with
+        it off, the search itself fails with the clear "No collection" error. Creates nothing."""
+        if not web or self.settings.web_provider == "none":
+            return list(names), []
+        have = set(self.collections())
+        present = [n for n in names if n in have]
+        missing = [n for n in names if n not in have]
+        if not missing:
+            return present, []
+        flag = "" if missing[0] == self.settings.collection else f" --collection {missing[0]}"
+        which = ", ".join(repr(n) for n in missing)
+        rest = f"{doing} the web alone" if not present else f"{doing} the web and {', '.join(repr(n) for n in present)}"
+        return present, [f"No knowledge base collection {which} yet; {rest} (add documents with: moerag ingest PATH{flag})."]
+
     def search_items(
         self, query: str, *, collection: str, k: int, mode: str, source: str | None = None, web: bool = False
     ) -> dict[str, Any]:
         """What `moerag search --json` prints: {"results": [...]} (the items of Hit.to_json, plus
         `origin`; web items also carry `url`, `domain`, `fetched_at`), and with `web` the
-        "skipped" results ({url, reason}) and "warnings"."""
+        "skipped" results ({url, reason}) and "warnings". With `web`, a collection that does not
+        exist yet is searched as empty, with a warning (see `searchable`)."""
         from retrieval.search import search
         from retrieval.web import fuse
 
         embed = self.embedder.encode if mode != "bm25" else None
-        hits = search(self.kb, query, embed=embed, collection=collection, k=k, mode=mode, source=source)
+        present, notes = self.searchable([collection], web=web, doing="searching")
+        hits = search(self.kb, query, embed=embed, collection=collection, k=k, mode=mode, source=source) if present else []
         if not web:
             return {"results": [{**h.to_json(), "origin": "kb"} for h in hits], "skipped": [], "warnings": []}
         web_sources, found = self.search_web(query, k=k)
+        found.warnings[:0] = notes
         fused = fuse(query, [hits, web_sources], k=k, embed=self.embedder.encode, text_of=lambda x: x.text,
                      url_of=lambda x: getattr(x, "url", None))
         results = []

@@ -36,7 +36,7 @@ from engine.errors import (
     UnsupportedArchitectureError,
 )
 from engine.models import ARCHITECTURES, Architecture
-from engine.quantize import check_scheme, quantize_modules
+from engine.quantization import check_scheme, quantize_modules
 from engine.tensorfile import TensorFile
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,37 @@ class LoadedCheckpoint:
     config: dict[str, Any]
     directory: Path
     quantization: dict[str, Any] | None = None  # scheme, group_size, targets when stored quantized
+    dtype: torch.dtype = torch.float32  # of the float parameters (`dtype` resolved, "auto" included)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Dtype = torch.dtype | str  # a torch dtype, a name in DTYPES, or "auto" (as transformers takes them)
+
+
+def check_dtype(dtype: Dtype) -> None:
+    """Fails early, before any file is read, on a dtype `resolve_dtype` would refuse."""
+    if not isinstance(dtype, torch.dtype) and dtype != "auto" and dtype not in DTYPES:
+        raise EngineError(f"Unknown dtype {dtype!r}. Use one of: {', '.join(DTYPES)}, auto (or a torch dtype).")
+
+
+def resolve_dtype(dtype: Dtype, config: dict[str, Any], directory: Path) -> torch.dtype:
+    """The torch dtype for `dtype`; "auto" is the checkpoint's own `torch_dtype` (or `dtype`) in
+    config.json, and float32 when it names none."""
+    check_dtype(dtype)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        return DTYPES[dtype]
+    stored = config.get("torch_dtype") or config.get("dtype")
+    if stored is None:
+        return torch.float32
+    name = str(stored).removeprefix("torch.")
+    if name not in DTYPES:
+        raise CheckpointError(
+            f"config.json in {directory} gives dtype {stored!r}, which dtype='auto' cannot use; "
+            f"pass one of: {', '.join(DTYPES)}."
+        )
+    return DTYPES[name]
 
 
 def resolve(path_or_id: str | Path) -> Path:
@@ -314,7 +345,7 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 def load_checkpoint(
     path_or_id: str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: Dtype = torch.float32,
     device: str | torch.device = "cpu",
     transform: Callable[[nn.Module], Any] | None = None,
 ) -> LoadedCheckpoint:
@@ -322,16 +353,18 @@ def load_checkpoint(
 
     `transform(module)` is called on each decoder layer as soon as all its tensors are in, then
     once on the whole model (for what lies outside the layers, such as the head); it changes
-    modules in place (see engine.quantize.quantize_modules).
+    modules in place (see engine.quantization.quantize_modules). `dtype`: see `resolve_dtype`.
     """
+    check_dtype(dtype)
     with _freed_memory_returned():
         return _load(path_or_id, dtype=dtype, device=device, transform=transform)
 
 
 def _load(
-    path_or_id: str | Path, *, dtype: torch.dtype, device: str | torch.device, transform: Callable[[nn.Module], Any] | None
+    path_or_id: str | Path, *, dtype: Dtype, device: str | torch.device, transform: Callable[[nn.Module], Any] | None
 ) -> LoadedCheckpoint:
     directory, config, model_type, arch, args = read_architecture(path_or_id)
+    dtype = resolve_dtype(dtype, config, directory)
     quantization = stored_quantization(config, directory)
     shards = _shards(directory)
     device = torch.device(device)
@@ -380,5 +413,6 @@ def _load(
         log.info("ignored %d checkpoint tensors this engine does not use (e.g. MTP layers)", filler.ignored)
     net.eval()
     return LoadedCheckpoint(
-        net=net, args=args, model_type=model_type, config=config, directory=directory, quantization=quantization
+        net=net, args=args, model_type=model_type, config=config, directory=directory, quantization=quantization,
+        dtype=dtype,
     )

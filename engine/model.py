@@ -19,8 +19,8 @@ from torch import nn
 
 from engine.errors import ContextLengthError, EngineError
 from engine.experts import EXPERT_BACKENDS, default_backend
-from engine.loader import load_checkpoint
-from engine.quantize import TARGETS, check_scheme, quantize_modules
+from engine.loader import Dtype, check_dtype, load_checkpoint
+from engine.quantization import TARGETS, check_scheme, quantize_modules
 from engine.sampling import SamplingParams, choose, penalize_repeats
 from engine.stops import StopStrings
 from engine.tokenizer import Detokenizer, Message, chat_prompt, load_tokenizer
@@ -279,7 +279,7 @@ def _cut_at_eos(row: list[int], eos: set[int]) -> list[int]:
 def load_model(
     path_or_id: str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: Dtype = torch.float32,
     quantize: str | None = None,
     group_size: int = 128,
     device: str | torch.device = "cpu",
@@ -287,10 +287,13 @@ def load_model(
 ) -> Model:
     """Load a Hugging Face checkpoint directory (or hub id) into a ready-to-run Model.
 
+    dtype: of the float parameters; a torch dtype or, as transformers takes it, "float32",
+    "bfloat16", "float16" or "auto" (the checkpoint's config.json `torch_dtype`, else float32).
     quantize: None, "int8" or "int4" (weight-only; group_size applies to int4). Each decoder layer
     is quantized as soon as it is loaded, so peak memory stays near the quantized size plus one
     float layer. A checkpoint written quantized (write_checkpoint) loads as it is stored.
     """
+    check_dtype(dtype)
     transform = None
     quantization = None
     if quantize is not None:
@@ -317,5 +320,5 @@ def load_model(
         quantization=quantization,
     )
     model.set_experts_backend(experts_backend or default_backend(model.device))
-    log.info("loaded %s from %s (%s, %s)", loaded.model_type, loaded.directory, dtype, device)
+    log.info("loaded %s from %s (%s, %s)", loaded.model_type, loaded.directory, loaded.dtype, device)
     return model

@@ -358,11 +358,14 @@ def test_ctrl_c_in_ask_stops_within_a_step_and_exits_130(cli, home, embedder, mo
     class Typist:
         """Writes "word " forever, a step every 10 ms; presses Ctrl-C after its third word."""
 
-        name, context_window = "typist", 4096
+        name, context_window, note, counts_tokens = "typist", 4096, "", True
         after_ctrl_c = 0
 
         def count_tokens(self, text):
             return len(text.split())
+
+        def count_messages(self, messages):
+            return sum(self.count_tokens(m["content"]) for m in messages)
 
         def condense(self, history, question, *, cancel=None):
             return question

@@ -106,10 +106,13 @@ def test_citations_to_sources_not_given_are_removed_even_split_across_deltas():
 
 def test_invalid_citation_from_a_generator_is_reported(corpus, embedder):
     class Liar:
-        name, context_window = "liar", 4096
+        name, context_window, note, counts_tokens = "liar", 4096, "", True
 
         def count_tokens(self, text):
             return len(text.split())
+
+        def count_messages(self, messages):
+            return sum(self.count_tokens(m["content"]) for m in messages)
 
         def condense(self, history, question):
             return question

@@ -1,6 +1,6 @@
 """Settings: defaults, TOML file, MOERAG_* variables, --home; bad values say which setting."""
 
-from pathlib import Path
+
 
 import pytest
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 import engine
 from engine.export import quantize_checkpoint
 from engine.loader import QUANTIZATION_LAYOUT, load_checkpoint
-from engine.quantize import TARGETS, quantize_modules
+from engine.quantization import TARGETS, quantize_modules
 from tests.engine.checkpoints import INIT, VOCAB, save
 
 PROMPT = torch.arange(3, VOCAB, 17)[:16]
@@ -97,7 +97,7 @@ def test_quantized_checkpoint_loads_as_stored(
     def refuse(w: torch.Tensor, *args: object) -> object:
         raise AssertionError("a stored quantized checkpoint must not be quantized again")
 
-    module = sys.modules["engine.quantize"]
+    module = sys.modules["engine.quantization"]
     real = getattr(module, f"quantize_{scheme}")
     # Quantizing on the meta device (building the modules' shapes) is allowed; real data is not.
     monkeypatch.setattr(module, f"quantize_{scheme}", lambda w, *a: real(w, *a) if w.is_meta else refuse(w))

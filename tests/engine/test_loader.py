@@ -211,3 +211,46 @@ def test_deepseek_v2_style_routing_is_refused(tiny_checkpoint, tmp_path: Path) -
     _edit_config(v2, lambda c: c.update(scoring_func="softmax"))
     with pytest.raises(engine.UnsupportedArchitectureError, match="scoring_func='softmax'"):
         engine.load_model(v2)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "stored", "expected"),
+    [
+        ("float32", None, torch.float32),
+        ("bfloat16", None, torch.bfloat16),
+        ("float16", None, torch.float16),
+        (torch.bfloat16, None, torch.bfloat16),
+        ("auto", "bfloat16", torch.bfloat16),
+        ("auto", "float16", torch.float16),
+        ("auto", "drop", torch.float32),  # config.json names no dtype: float32
+    ],
+)
+def test_dtype_takes_the_names_transformers_takes(tiny_checkpoint, tmp_path: Path, dtype, stored, expected) -> None:
+    _, path = tiny_checkpoint("qwen3_moe")
+    if stored is not None:
+        path = _copy(path, tmp_path / "ckpt")
+        config = json.loads((path / "config.json").read_text())
+        for key in ("torch_dtype", "dtype"):
+            config.pop(key, None)
+        if stored != "drop":
+            config["torch_dtype"] = stored
+        (path / "config.json").write_text(json.dumps(config))
+    model = engine.load_model(path, dtype=dtype)
+    assert model.net.model.embed_tokens.weight.dtype == expected
+    assert model.net.lm_head.weight.dtype == expected
+    assert model.logits(TOKENS).isfinite().all()
+
+
+def test_an_unknown_dtype_names_the_allowed_ones(tiny_checkpoint, tmp_path: Path) -> None:
+    from engine.errors import EngineError
+
+    _, path = tiny_checkpoint("qwen3_moe")
+    with pytest.raises(EngineError, match=r"Unknown dtype 'fp16'\. Use one of: float32, bfloat16, float16, auto"):
+        engine.load_model(path, dtype="fp16")
+    odd = _copy(path, tmp_path / "odd")
+    config = json.loads((odd / "config.json").read_text())
+    config.pop("dtype", None)
+    config["torch_dtype"] = "int8"
+    (odd / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"gives dtype 'int8'.*pass one of: float32, bfloat16, float16"):
+        engine.load_model(odd, dtype="auto")

@@ -7,7 +7,7 @@ import torch
 
 import engine
 from engine.qmatmul import dequantize_reference, matmul, quantize_int4, quantize_int8
-from engine.quantize import QuantizedExperts, QuantizedLinear
+from engine.quantization import QuantizedExperts, QuantizedLinear
 
 PROMPT = list(range(3, 300, 11))
 
