@@ -12,7 +12,6 @@ import errno
 import hashlib
 import os
 import stat
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,13 +107,6 @@ def read_state(path: Path, *, max_bytes: int) -> FileState:
         except OSError as exc:
             raise LoadError(f"cannot read file: {exc.strerror or exc}") from exc
     return FileState(size, st.st_mtime, h.hexdigest())
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of the regular file at `path`; LoadError with the reason otherwise."""
-    state = read_state(path, max_bytes=sys.maxsize)
-    assert state.sha256 is not None  # no file is larger than sys.maxsize
-    return state.sha256
 
 
 def too_large(size: int, max_bytes: int) -> str:

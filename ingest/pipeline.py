@@ -30,10 +30,9 @@ from ingest.document import Chunk, LoadedDoc
 from ingest.embedder import Embedder
 from ingest.errors import LoadError
 from ingest.files import Found, read_state, too_large, walk
-from ingest.files import sha256_file as _sha256_file
 from ingest.isolate import file_parsers, parse_file
 from ingest.limits import ParseLimits
-from ingest.loaders import load_file, load_text
+from ingest.loaders import load_text
 from retrieval.kb import KnowledgeBase
 from retrieval.store import Collection, Document
 
@@ -93,11 +92,10 @@ class _Item:
 
     source: str
     load: Callable[[], LoadedDoc]
-    sha256: str | None = None  # None: compute lazily from `read_bytes`
-    read_bytes: Callable[[], bytes] | None = None
+    sha256: str | None = None  # set when the item is read; None only with a `problem`
     size: int = 0
     mtime: float = 0.0
-    too_large: str | None = None
+    problem: str | None = None  # why it cannot be ingested, known before parsing (too large, a FIFO...)
 
 
 @dataclass
@@ -110,24 +108,27 @@ class _Pending:
 # --- finding the files ---------------------------------------------------------------------------
 
 
-def _file_items(found: list[Found], max_bytes: int) -> Iterator[_Item]:
+def _file_items(found: list[Found], options: IngestOptions) -> Iterator[_Item]:
     """One item per entry found; each file is looked at (and hashed) only when its turn comes, so
-    one that vanished or changed since the walk fails alone, with its reason."""
+    one that vanished or changed since the walk fails alone, with its reason. Files are parsed in
+    a worker process under the parse limits (ingest.isolate): a parser that hangs, bloats or
+    crashes costs its file, never this process."""
+    max_bytes = options.max_bytes
     for f in found:
-        item = _Item(source=str(f.path), load=lambda p=f.path: load_file(p, max_bytes=max_bytes))
+        item = _Item(source=str(f.path), load=partial(parse_file, f.path, max_bytes=max_bytes, limits=options.limits))
         if f.problem:
-            item.too_large = f.problem  # the field carries any reason known before reading
+            item.problem = f.problem
             yield item
             continue
         try:
             state = read_state(f.path, max_bytes=max_bytes)
         except LoadError as exc:
-            item.too_large = str(exc)
+            item.problem = str(exc)
             yield item
             continue
         item.size, item.mtime, item.sha256 = state.size, state.mtime, state.sha256
         if state.sha256 is None:
-            item.too_large = too_large(state.size, max_bytes)
+            item.problem = too_large(state.size, max_bytes)
         yield item
 
 
@@ -148,20 +149,12 @@ def ingest_paths(
     file_parsers().warm()  # the parsing worker imports its parsers while the files are walked
     paths = [Path(p).expanduser() for p in paths]
     files = walk(paths)
-    items = _contained(_file_items(files, options.max_bytes), options)
+    items = _file_items(files, options)
     report = _run(kb, embedder, items, len(files), collection=collection, options=options, progress=progress)
     if prune:
         roots = [str(p.resolve()) for p in paths]
         _prune(kb, report, roots, lock_wait=options.lock_wait)
     return report
-
-
-def _contained(items: Iterator[_Item], options: IngestOptions) -> Iterator[_Item]:
-    """Files are parsed in a worker process under the parse limits (ingest.isolate): a parser that
-    hangs, bloats or crashes costs its file, never this process or the write lock held here."""
-    for item in items:
-        item.load = partial(parse_file, Path(item.source), max_bytes=options.max_bytes, limits=options.limits)
-        yield item
 
 
 def ingest_records(
@@ -230,13 +223,8 @@ def _run(kb, embedder, items, total, *, collection, options, progress) -> Ingest
 
 def _prepare(item: _Item, existing: Document | None, embedder: Embedder, budget: int, options: IngestOptions):
     """Read and chunk one item; a FileResult when there is nothing to embed (unchanged or failed)."""
-    if item.too_large:
-        return FileResult(item.source, "failed", error=item.too_large)
-    try:
-        if item.sha256 is None:
-            item.sha256 = _sha256_file(Path(item.source))
-    except OSError as exc:
-        return FileResult(item.source, "failed", error=f"cannot read file: {exc.strerror or exc}")
+    if item.problem:
+        return FileResult(item.source, "failed", error=item.problem)
     if existing is not None and existing.sha256 == item.sha256 and existing.status == "ok":
         return FileResult(item.source, "unchanged", chunks=existing.n_chunks)
     try:
