@@ -731,9 +731,9 @@ def generate(
     ids = llm.prompt_ids(messages, enable_thinking=think) if chat else llm.prompt_ids(prompt)
     # Templates like DeepSeek-R1's open the reasoning in the prompt itself.
     splitter = ReasoningSplitter(starts_in_reasoning=llm.tokenizer.decode(ids).rstrip().endswith(OPEN))
-    sampling = SamplingParams(temperature=temperature, seed=seed)
+    sampling = SamplingParams(temperature=temperature, seed=seed, max_new_tokens=max_tokens)
     tokens, start, first = 0, time.perf_counter(), None
-    for token, delta in llm.stream_tokens(ids, max_new_tokens=max_tokens, sampling=sampling):
+    for token, delta in llm.stream_tokens(ids, sampling):
         if token is not None:
             tokens += 1
             first = first or time.perf_counter()

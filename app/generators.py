@@ -22,9 +22,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-
 from app.settings import Settings
 from retrieval.errors import MoeragError
+from retrieval.search import STOPWORDS
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class Request:
 
     messages: list[dict[str, str]]  # system, history turns, then the user turn with the sources
     question: str  # standalone form, used by the extractive generator
-    sources: list[Any]  # service.Source, numbered from 1
+    sources: list[Any]  # answers.Source, numbered from 1
     max_tokens: int = 2048
     temperature: float = 0.6
     cancel: threading.Event = field(default_factory=threading.Event)  # set: stop after the current step
@@ -95,11 +95,8 @@ def estimate_messages(messages: Sequence[dict[str, str]], count: Callable[[str],
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])|\n\s*\n")
 _TOKEN = re.compile(r"\w+", re.UNICODE)
-_STOP = frozenset(
-    "a an and are as at be but by for from has have if in into is it its of on or such that the their then there "
-    "these they this to was were will with what which who whom how why when where does do did not no can could "
-    "should would may might i you he she we me my your his her our us them been being had also than so".split()
-)
+# The query's stop words, and pronouns and fillers that say nothing about which sentence answers.
+_STOP = STOPWORDS | frozenset("i you he she we me my your his her our us them been being had also than so".split())
 MIN_WORDS = 4  # shorter "sentences" are headings and labels, not answers
 NO_MODEL_NOTE = (
     "No generator model is configured, so this answer quotes the most relevant sentences of the sources. "
@@ -278,7 +275,6 @@ class EngineGenerator:
             import torch
 
             from engine import load_model
-
             from engine.errors import EngineError
 
             s = self.settings
@@ -343,8 +339,7 @@ class EngineGenerator:
         try:
             ids = model.prompt_ids(messages, enable_thinking=thinking)
             splitter = ReasoningSplitter(starts_in_reasoning=model.tokenizer.decode(ids).rstrip().endswith(OPEN))
-            sampling = SamplingParams(temperature=temperature)
-            steps = model.stream_tokens(ids, max_new_tokens=max_tokens, sampling=sampling)
+            steps = model.stream_tokens(ids, SamplingParams(temperature=temperature, max_new_tokens=max_tokens))
             try:
                 for _, delta in steps:  # one item per decode step
                     if cancel.is_set():

@@ -8,6 +8,7 @@ write), or our own decode product over a 256 MiB weight of each format, each at 
 
     .venv/bin/python bench/engine.py [--dir bench/out/qwen3moe-1b] [--skip-transformers]
     .venv/bin/python bench/engine.py --load-memory int4   # peak RSS while loading, vs quantized size
+    .venv/bin/python bench/engine.py --ab 735c76f         # decode A/B: this tree vs a commit, one process
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import logging
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -90,7 +92,7 @@ def gemv_rates(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
     memory, per weight format, best of `repeats`: the ceiling decode can reach with that kernel
     (how much of the gap to the memory bandwidth is the kernel's, how much the rest of a token's)."""
     from engine import native
-    from engine.qmatmul import quantize_int4, quantize_int8
+    from kernels.formats import quantize_int4, quantize_int8
 
     if not native.available():
         return {}
@@ -207,7 +209,8 @@ def _warm_up() -> None:
     """Run the loader's kinds of ops on tiny tensors, so what torch sets up once per process
     counts as the baseline, not as loading: measured here, the first nn.Embedding built even on
     the meta device raises RSS by 0.15 GiB, whatever its size (a one-time lazy initialization)."""
-    from engine.qmatmul import dequantize, quantize_int4, quantize_int8
+    from engine.qmatmul import dequantize
+    from kernels.formats import quantize_int4, quantize_int8
 
     with torch.device("meta"):
         torch.nn.Embedding(8, 8)
@@ -227,7 +230,11 @@ def measure_load(directory: Path, scheme: str) -> None:
     seconds = time.perf_counter() - start
     tensors = {t.untyped_storage().data_ptr(): t.nbytes for t in [*model.net.parameters(), *model.net.buffers()]}
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"imported": imported, "before": before, "peak": peak, "size": sum(tensors.values()), "seconds": seconds}))
+    print(
+        json.dumps(
+            {"imported": imported, "before": before, "peak": peak, "size": sum(tensors.values()), "seconds": seconds}
+        )
+    )
 
 
 def load_memory(directory: Path, schemes: list[str]) -> None:
@@ -250,6 +257,78 @@ def load_memory(directory: Path, schemes: list[str]) -> None:
         )
 
 
+def import_baseline(rev: str, into: Path):
+    """The `engine` package as of git revision `rev`, imported beside the current one.
+
+    Its engine/ and kernels/ are extracted under `into` and imported with sys.modules swapped,
+    so both versions live in this process (each builds its own native library, keyed by source)
+    and are timed in alternation: a neighbour slowing the VM slows both alike.
+    """
+    root = Path(__file__).resolve().parents[1]
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(root), "archive", rev, "engine", "kernels"], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    ours = {name: mod for name, mod in sys.modules.items() if name.split(".")[0] in ("engine", "kernels")}
+    for name in ours:
+        del sys.modules[name]
+    sys.path.insert(0, str(into))
+    try:
+        import engine as baseline
+
+        baseline.load_model  # noqa: B018 (PEP 562: import the model code now, while the path points there)
+        theirs = {name: mod for name, mod in sys.modules.items() if name.split(".")[0] in ("engine", "kernels")}
+    finally:
+        sys.path.remove(str(into))
+        for name in theirs if "theirs" in locals() else ():
+            del sys.modules[name]
+        sys.modules.update(ours)
+    return baseline
+
+
+def ab(directory: Path, rev: str, prompt: torch.Tensor, new_tokens: int, rounds: int) -> None:
+    """Decode tokens/s of this tree vs `rev`, per weight format, alternating rounds in one process."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        baseline = import_baseline(rev, Path(tmp))
+        print(
+            f"decode A/B, one process: this tree vs {rev}; {new_tokens} tokens after {prompt.numel()}, {rounds} rounds"
+        )
+        print(
+            f"{'':10} {'base tok/s':>10} {'this tok/s':>10} {'this/base':>10} {'quartiles':>13} "
+            f"{'spread of rounds (base, this)':>30}"
+        )
+        for label, dtype, scheme in (
+            ("fp32", torch.float32, None),
+            ("bf16", torch.bfloat16, None),
+            ("int8", torch.bfloat16, "int8"),
+            ("int4 g128", torch.bfloat16, "int4"),
+        ):
+            models = {
+                "base": baseline.load_model(directory, dtype=dtype, quantize=scheme),
+                "this": engine.load_model(directory, dtype=dtype, quantize=scheme),
+            }
+            for model in models.values():
+                engine_decode(model, prompt, 4, repeats=1)  # warm: build the library, fault the pages in
+            rates: dict[str, list[float]] = {name: [] for name in models}
+            for r in range(rounds):
+                order = ("base", "this") if r % 2 == 0 else ("this", "base")  # neither always goes first
+                for name in order:
+                    rates[name].append(engine_decode(models[name], prompt, new_tokens, repeats=1)[1])
+            med = {name: statistics.median(r) for name, r in rates.items()}
+            # Paired: each round's this/base ratio; a neighbour slowing the VM slows both alike.
+            ratios = sorted(t / b for t, b in zip(rates["this"], rates["base"], strict=True))
+            low, high = ratios[len(ratios) // 4], ratios[-1 - len(ratios) // 4]
+            spread = {name: (max(r) - min(r)) / med[name] for name, r in rates.items()}
+            print(
+                f"{label:10} {med['base']:10.2f} {med['this']:10.2f} {statistics.median(ratios):10.3f} "
+                f"{low:6.3f}-{high:.3f} {100 * spread['base']:8.0f} %, {100 * spread['this']:3.0f} %"
+            )
+            del models
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path("bench/out/qwen3moe-1b"))
@@ -264,6 +343,8 @@ def main() -> None:
         choices=["int4", "int8", "none"],
         help="only measure peak RSS while loading with these schemes (vs the loaded model's size), then exit",
     )
+    parser.add_argument("--ab", metavar="REV", help="only compare decode speed with git revision REV, in one process")
+    parser.add_argument("--rounds", type=int, default=7, help="--ab: alternating rounds per format")
     parser.add_argument("--measure-load", choices=["int4", "int8", "none"], help=argparse.SUPPRESS)
     parser.add_argument(
         "--threads",
@@ -283,6 +364,12 @@ def main() -> None:
         return
     if opts.load_memory:
         load_memory(directory, opts.load_memory)
+        return
+    if opts.ab:
+        prompt = torch.randint(
+            0, BENCH_CONFIG["vocab_size"], (opts.prompt_tokens,), generator=torch.Generator().manual_seed(0)
+        )
+        ab(directory, opts.ab, prompt, opts.decode_tokens, opts.rounds)
         return
     read, copy = memory_bandwidth()  # measured again at the end; the larger wins
     streams = gemv_rates()  # likewise

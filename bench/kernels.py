@@ -21,7 +21,8 @@ import sys
 
 import torch
 
-from kernels import fused_moe, quantize_int4, route
+from kernels import fused_moe, route
+from kernels.formats import quantize_int4
 
 SHAPES = {
     "qwen3-30b-a3b": dict(e=128, k=8, h=2048, i=768, n_group=1, topk_group=1, scoring="softmax"),
@@ -106,8 +107,8 @@ def main() -> None:
             active = int(torch.unique(ids).numel())  # experts whose weights a step must read
             for dtype, call, bytes_per_weight in (
                 ("bf16", lambda: fused_moe(x, w13, w2, *routing()), 2.0),
-                ("int4", lambda: fused_moe(x, q13, q2, *routing(), w13_scale=s13, w2_scale=s2, quant="int4"),
-                 0.5 + 2 * 4 / 128),  # 4 bits + an fp32 scale and zero per 128 weights
+                ("int4", lambda: fused_moe(x, q13, q2, *routing(), w13_scale=s13, w2_scale=s2),
+                 0.5 + 2 * 2 / 128),  # 4 bits + a bf16 scale and zero per 128 weights
             ):
                 seconds = timed(call, iters=20 if t >= 512 else 50)
                 moved = active * 3 * h * i * bytes_per_weight

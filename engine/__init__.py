@@ -2,7 +2,8 @@
 
 model = engine.load_model("path/to/Qwen3-30B-A3B", dtype=torch.bfloat16, quantize="int4")
 model.logits([1, 2, 3])                        # [T, V] float32, for checks
-model.generate([1, 2, 3], max_new_tokens=32)   # new token ids (greedy unless sampling=...)
+model.generate([1, 2, 3], max_new_tokens=32)   # new token ids (greedy unless temperature=...)
+model.generate([1, 2, 3], engine.SamplingParams(temperature=0.7, seed=1, stop=("\n",)))  # one request's settings
 for delta in model.stream([{"role": "user", "content": "Hi"}], enable_thinking=False): ...
 engine.quantize_checkpoint("path/to/model", "path/to/model-int4", scheme="int4")  # loads directly
 """

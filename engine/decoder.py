@@ -2,7 +2,8 @@
 
 Shapes: B batch, T new tokens, H hidden, V vocabulary.
 Module names follow the Hugging Face checkpoints (model.layers.N.self_attn...), so most
-checkpoint tensors load by name.
+checkpoint tensors load by name. The modules are the reference; decode steps on CPU go through
+a native backend (engine/backends) that CausalLM builds from its weights and owns.
 """
 
 from __future__ import annotations
@@ -10,11 +11,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine import decode_step
+from engine.backends import NativeCPU
 from engine.layers import RMSNorm, linear
 from engine.rope import Rope
 
 LayerCache = list[torch.Tensor]
+
+
+class KVCache(list):
+    """The per-layer caches [[k, v], ...] of one generation, and the plan a decode backend built
+    for them (it points into these tensors), tagged with the backend that built it."""
+
+    plan: tuple[object, list] | None = None
 
 
 class Block(nn.Module):
@@ -64,6 +72,12 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = rope  # a plain object: its tables are derived from config.json, not loaded
         self.max_position_embeddings = max_position_embeddings
+        # Decode steps on CPU go through the native backend, built from the weights on first use.
+        # native_decode False runs them module by module: the reference (its products stay native).
+        # fuse_blocks False runs each block by itself: the reference for the fused block kernel.
+        self.native_decode = True
+        self.fuse_blocks = True
+        self._native: NativeCPU | None = None
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -72,14 +86,28 @@ class CausalLM(nn.Module):
         weight = self.model.embed_tokens.weight
         return torch.float32 if weight.device.type == "cpu" else weight.dtype
 
-    def new_cache(self, batch: int, max_len: int) -> decode_step.KVCache:
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
         device = self.model.embed_tokens.weight.device
         layers = self.model.layers
-        return decode_step.KVCache(block.self_attn.new_cache(batch, max_len, self.compute_dtype, device) for block in layers)
+        return KVCache(block.self_attn.new_cache(batch, max_len, self.compute_dtype, device) for block in layers)
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 (torch's signature)
-        decode_step.changed()  # .to(), .float(), ... may move every weight the fused plans point into
+    def weights_changed(self) -> None:
+        """Drop what was built from the weights (the native backend points into them); it is rebuilt
+        at the next decode step. Call after replacing, moving or converting weights, or switching
+        the experts backend."""
+        self._native = None
+
+    def _apply(self, fn, recurse=True):  # torch's signature, untyped there too
+        self.weights_changed()  # .to(), .float(), ... may move every weight
         return super()._apply(fn, recurse)
+
+    def _native_backend(self, x: torch.Tensor, cache: list[LayerCache] | None) -> NativeCPU | None:
+        """The native backend when it runs this step (see NativeCPU.fits), built on first use."""
+        if not (self.native_decode and isinstance(cache, KVCache) and NativeCPU.fits(x)):
+            return None
+        if self._native is None or self._native.fuse != self.fuse_blocks:
+            self._native = NativeCPU(self.model.layers, fuse=self.fuse_blocks)
+        return self._native
 
     def forward(
         self,
@@ -92,11 +120,12 @@ class CausalLM(nn.Module):
         """tokens [B, T] -> logits [B, T, V] in the model dtype ([B, 1, V] with `last_only`)."""
         x = self.model.embed_tokens(tokens).to(self.compute_dtype)  # [B, T, H]
         cos, sin = self.rope.span(start, tokens.shape[1], x.dtype, x.device)  # [T, D] each
-        if cache is None:
-            for block in self.model.layers:
-                x = block(x, cos, sin, None, start)
+        backend = self._native_backend(x, cache)
+        if backend is not None:
+            x = backend.step(x, cos, sin, cache, start)
         else:
-            x = decode_step.run_blocks(self.model.layers, x, cos, sin, cache, start)
+            for i, block in enumerate(self.model.layers):
+                x = block(x, cos, sin, None if cache is None else cache[i], start)
         if last_only:
             x = x[:, -1:]  # [B, 1, H]; generation needs only the next-token logits
         return self.lm_head(self.model.norm(x))  # [B, T, V]

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from engine import native
-from engine.errors import EngineError
 from engine.qmatmul import SMALL_M, matmul
 
 ExpertsFn = Callable[..., torch.Tensor]
@@ -100,17 +99,12 @@ def triton_fused(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The Triton kernels (kernels.fused_moe): float and int8 experts; no host sync, so a decode
-    step that uses it can be captured in a CUDA graph."""
+    """The Triton kernels (kernels/experts.py): float, int8 and int4 experts, read in the layouts of
+    kernels/formats.py as the engine stores them; no host sync, so a decode step that uses it can
+    be captured in a CUDA graph."""
     from kernels import fused_moe
 
-    if w13.dtype == torch.uint8:
-        raise EngineError(
-            "int4 experts are packed for the CPU kernels; the triton backend reads its own int4 layout "
-            "(kernels.quantize_int4). Use experts_backend='cpu' or int8 for now."
-        )
-    quant = "int8" if w13_scale is not None else None
-    return fused_moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale, quant=quant)
+    return fused_moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale)
 
 
 def _row(scale: torch.Tensor | None, e: int) -> torch.Tensor | None:

@@ -10,30 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import native
-from engine.qmatmul import SMALL_M
 from engine.qmatmul import linear as qlinear
 from engine.rope import rotate
-
-
-def _decoding(x: torch.Tensor) -> bool:
-    """Whether x (fp32 on CPU, a few rows) takes the native decode kernels."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and x.numel() <= SMALL_M * x.shape[-1]
-        and native.available()
-    )
-
-
-def fp32_copy(module: nn.Module, name: str) -> torch.Tensor:
-    """module.<name> as a contiguous fp32 tensor, converted once and kept until the tensor changes."""
-    tensor = getattr(module, name)
-    cached = module.__dict__.setdefault("_fp32", {}).get(name)
-    if cached is None or cached[0] is not tensor:
-        cached = (tensor, tensor.float().contiguous())
-        module.__dict__["_fp32"][name] = cached
-    return cached[1]
 
 
 class RMSNorm(nn.Module):
@@ -45,8 +23,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _decoding(x):
-            return native.rmsnorm(x, fp32_copy(self, "weight"), self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -134,20 +110,6 @@ class Attention(nn.Module):
         shape = (batch, self.kv_heads, max_len, self.head_dim)  # [B, G, S_max, D]
         return [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
 
-    def _native_projections(self):
-        """The four projections for native.attention (built once per set of weights), or None
-        when q, k and v differ in layout (e.g. one stayed float under int4)."""
-        mods = [self.q_proj, self.k_proj, self.v_proj, self.o_proj]
-        key = tuple(m.weight for m in mods)
-        cached = self.__dict__.get("_native")
-        if cached is None or any(a is not b for a, b in zip(cached[0], key, strict=True)):
-            layers = [(m.weight, getattr(m, "scale", None), m.bias) for m in mods]
-            same = len({(w.dtype, None if s is None or s.dim() < 2 else s.shape[-2]) for w, s, _ in layers[:3]}) == 1
-            fits = same and all(native.supports(w) for w, _, _ in layers)
-            cached = (key, native.projections(layers) if fits else None)
-            self.__dict__["_native"] = cached
-        return cached[1]
-
     def forward(
         self,
         x: torch.Tensor,
@@ -157,26 +119,6 @@ class Attention(nn.Module):
         start: int,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        if cache is not None and t == 1 and cache[0].dtype == torch.float32 and _decoding(x):
-            projs = self._native_projections()
-            if projs is not None:
-                out = native.attention(
-                    x.view(b, -1),
-                    projs[0],
-                    heads=self.heads,
-                    kv_heads=self.kv_heads,
-                    head_dim=self.head_dim,
-                    position=start,
-                    q_norm=None if self.q_norm is None else fp32_copy(self.q_norm, "weight"),
-                    k_norm=None if self.k_norm is None else fp32_copy(self.k_norm, "weight"),
-                    eps=0.0 if self.q_norm is None else self.q_norm.eps,
-                    cos=cos.float().contiguous(),
-                    sin=sin.float().contiguous(),
-                    k_cache=cache[0],
-                    v_cache=cache[1],
-                    scale=self.head_dim**-0.5,
-                )  # [B, H]
-                return out.view(b, 1, -1)
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim)  # [B, T, N, D]
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)  # [B, T, G, D]
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)  # [B, T, G, D]

@@ -70,6 +70,7 @@ class Model:
         for module in self.net.modules():
             if hasattr(module, "backend"):  # Experts and its quantized stand-ins
                 module.backend = name
+        self.net.weights_changed()  # the native decode backend runs only the "cpu" experts itself
 
     def _batch(self, token_ids: TokenIds) -> tuple[torch.Tensor, bool]:
         """token_ids [T] or [B, T] -> ([B, T] int64 on the model's device, whether it was batched)."""
@@ -93,22 +94,18 @@ class Model:
         return out if batched else out[0]
 
     def generate(
-        self,
-        token_ids: TokenIds,
-        *,
-        max_new_tokens: int = 128,
-        eos_token_ids: Sequence[int] | None = None,
-        sampling: SamplingParams | None = None,
+        self, token_ids: TokenIds, params: SamplingParams | None = None, /, **settings: Any
     ) -> list[int] | list[list[int]]:
         """Decoding with a KV cache: one prefill, then one token per step (greedy by default).
 
-        Returns the new tokens only (per sequence for a batch); a sequence stops after an EOS
-        id, which is included. `eos_token_ids=None` uses the checkpoint's own; `()` never stops
-        early. Batched prompts must have equal lengths (no padding yet).
+        `params` (or SamplingParams fields as keywords, which override it) sets sampling, length
+        and stops. Returns the new tokens only (per sequence for a batch); a sequence stops after
+        an EOS id, which is included. Batched prompts must have equal lengths (no padding yet).
         """
+        params = (params or SamplingParams()).updated(**settings)
         tokens, batched = self._batch(token_ids)
-        eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
-        steps = list(self._steps(tokens, max_new_tokens, eos, sampling or SamplingParams()))
+        eos = self._eos(params)
+        steps = list(self._steps(tokens, params))
         generated = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(tokens.shape[0])]  # [B, N]
         result = [_cut_at_eos(row, set(eos)) for row in generated]
         return result if batched else result[0]
@@ -116,84 +113,58 @@ class Model:
     def stream(
         self,
         prompt: Prompt,
+        params: SamplingParams | None = None,
+        /,
         *,
-        max_new_tokens: int = 512,
-        eos_token_ids: Sequence[int] | None = None,
-        sampling: SamplingParams | None = None,
         enable_thinking: bool | None = None,
-        stop: Sequence[str] = (),
+        **settings: Any,
     ) -> Iterator[str]:
         """Text deltas of the reply to one prompt (text, token ids or chat messages), as decoded.
 
         A delta never ends inside a multi-byte character; special tokens (EOS) are not shown.
         Generation ends at the first of the `stop` strings, which is not shown (nor anything after it).
         """
-        steps = self.stream_tokens(
-            prompt,
-            max_new_tokens=max_new_tokens,
-            eos_token_ids=eos_token_ids,
-            sampling=sampling,
-            enable_thinking=enable_thinking,
-            stop=stop,
-        )
-        for _, delta in steps:
+        for _, delta in self.stream_tokens(prompt, params, enable_thinking=enable_thinking, **settings):
             if delta:
                 yield delta
 
     def complete(
         self,
         prompt: Prompt,
+        params: SamplingParams | None = None,
+        /,
         *,
-        max_new_tokens: int = 512,
-        eos_token_ids: Sequence[int] | None = None,
-        sampling: SamplingParams | None = None,
         enable_thinking: bool | None = None,
-        stop: Sequence[str] = (),
+        **settings: Any,
     ) -> Completion:
         """The whole reply to one prompt: its token ids and its text (cut before a stop string)."""
-        tokenizer = self._need_tokenizer()
-        if stop:
-            steps = list(
-                self.stream_tokens(
-                    prompt,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_ids=eos_token_ids,
-                    sampling=sampling,
-                    enable_thinking=enable_thinking,
-                    stop=stop,
-                )
-            )
-            ids = [t for t, _ in steps if t is not None]
-            return Completion(token_ids=ids, text="".join(d for _, d in steps))
-        ids = self.generate(
-            self.prompt_ids(prompt, enable_thinking=enable_thinking),
-            max_new_tokens=max_new_tokens,
-            eos_token_ids=eos_token_ids,
-            sampling=sampling,
-        )
-        return Completion(token_ids=ids, text=tokenizer.decode(ids, skip_special_tokens=True))
+        params = (params or SamplingParams()).updated(**settings)
+        steps = list(self.stream_tokens(prompt, params, enable_thinking=enable_thinking))
+        return Completion(token_ids=[t for t, _ in steps if t is not None], text="".join(d for _, d in steps))
 
     def stream_tokens(
         self,
         prompt: Prompt,
+        params: SamplingParams | None = None,
+        /,
         *,
-        max_new_tokens: int = 512,
-        eos_token_ids: Sequence[int] | None = None,
-        sampling: SamplingParams | None = None,
         enable_thinking: bool | None = None,
-        stop: Sequence[str] = (),
+        **settings: Any,
     ) -> Iterator[tuple[int | None, str]]:
         """Like `stream`, one item per decode step: (token id, text delta, often ""), then (None, the rest)."""
+        params = (params or SamplingParams()).updated(**settings)
         tokenizer = self._need_tokenizer()
         tokens = torch.tensor([self.prompt_ids(prompt, enable_thinking=enable_thinking)], device=self.device)
-        eos = self.eos_token_ids if eos_token_ids is None else tuple(eos_token_ids)
-        detok, stops = Detokenizer(tokenizer), StopStrings(stop)
-        for step in self._steps(tokens, max_new_tokens, eos, sampling or SamplingParams()):
+        detok, stops = Detokenizer(tokenizer), StopStrings(params.stop)
+        for step in self._steps(tokens, params):
             token = int(step[0])
             yield token, stops.push(detok.push(token))
             if stops.stopped:
                 return  # closes _steps: no decode step runs past the stop string
         yield None, stops.push(detok.flush()) + stops.flush()
+
+    def _eos(self, params: SamplingParams) -> tuple[int, ...]:
+        return self.eos_token_ids if params.eos_token_ids is None else params.eos_token_ids
 
     def prompt_ids(self, prompt: Prompt, *, enable_thinking: bool | None = None) -> list[int]:
         """Token ids for text (encoded), chat messages (chat template) or ids (as given)."""
@@ -215,9 +186,7 @@ class Model:
         return self.tokenizer
 
     @torch.inference_mode()
-    def _steps(
-        self, tokens: torch.Tensor, max_new_tokens: int, eos_token_ids: tuple[int, ...], sampling: SamplingParams
-    ) -> Iterator[torch.Tensor]:
+    def _steps(self, tokens: torch.Tensor, params: SamplingParams) -> Iterator[torch.Tensor]:
         """Prefill tokens [B, T], then yield the next token ids [B] until every row hit EOS."""
         b, t = tokens.shape
         if t >= self.context_length:
@@ -225,22 +194,22 @@ class Model:
                 f"The prompt has {t} tokens but the context window is {self.context_length}; "
                 "shorten the prompt (or retrieve fewer sources)."
             )
-        max_new_tokens = min(max_new_tokens, self.context_length - t)
+        max_new_tokens = min(params.max_new_tokens, self.context_length - t)
         if max_new_tokens <= 0:
             return
         generator = None
-        if sampling.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
+        if params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
         cache = self.net.new_cache(b, t + max_new_tokens)
-        eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=self.device)
+        eos = torch.tensor(list(self._eos(params)), dtype=torch.long, device=self.device)
         done = torch.zeros(b, dtype=torch.bool, device=self.device)
         rows = torch.arange(b, device=self.device)
         vocab = self.net.model.embed_tokens.weight.shape[0]
         seen = torch.zeros((b, vocab), dtype=torch.bool, device=self.device).scatter_(1, tokens, True)  # [B, V]
         logits = self.net(tokens, cache, 0, last_only=True)  # [B, 1, V]
         for step in range(max_new_tokens):
-            scores = penalize_repeats(logits[:, -1], seen, sampling.repetition_penalty)  # [B, V]
-            nxt = choose(scores, sampling, generator)  # [B]
+            scores = penalize_repeats(logits[:, -1], seen, params.repetition_penalty)  # [B, V]
+            nxt = choose(scores, params, generator)  # [B]
             seen[rows, nxt] = True
             yield nxt
             done |= torch.isin(nxt, eos)

@@ -2,17 +2,20 @@
 
 Shapes: M rows of activations, N outputs, K inputs; T tokens, K_ experts per token, H hidden,
 I expert width. Weights: fp32 / bf16 [N, K]; int8 [N, K] with fp32 scales [N]; int4 packed
-[N, K/2] uint8 with bf16 (scale, zero) [N, K/G, 2] (see qmatmul). Everything else is torch.
+[N, K/2] uint8 with bf16 (scale, zero) [N, K/G, 2] (kernels/formats.py). Everything else is torch.
 
-The library is cached under ~/.cache/moerag/native, keyed by the source, the compiler and the
+The library is cached under ~/.cache/moerag/native, keyed by the sources, the compiler and the
 CPU's flags (it is built with -march=native). Without a compiler, or with MOERAG_NATIVE=0, the
-engine runs on torch alone: the same results, several times slower at decode.
+engine runs on torch alone: the same results, several times slower at decode. Proj and BlockArgs
+mirror native.h's structs; a library whose layout (moerag_abi) or format table differs from them
+and kernels/formats.py is refused the same way.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import shutil
@@ -23,11 +26,19 @@ from pathlib import Path
 
 import torch
 
+from engine.errors import ContextLengthError, EngineError
+from kernels.formats import FORMATS, Format, format_of
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("native.c")
-FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}  # uint8 = packed int4
-_P, _I = ctypes.c_void_p, ctypes.c_int64
+SOURCE = Path(__file__).with_name("native.c")  # the translation unit; it includes the other native* files
+ABI_VERSION = 1  # MOERAG_ABI_VERSION in native.h
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+
+
+def sources() -> list[Path]:
+    """native.c, native.h and the native_* files native.c includes: what the build depends on."""
+    return sorted(SOURCE.parent.glob("native*.[ch]"))
 
 
 def cache_dir() -> Path:
@@ -46,7 +57,7 @@ def _cpu_flags() -> str:
 
 
 def build(*, scalar: bool = False) -> Path:
-    """Compile native.c (once per source, compiler and CPU) and return the shared library's path.
+    """Compile native.c (once per set of sources, compiler and CPU) and return the shared library's path.
 
     `scalar` builds the portable path without SIMD (what machines without AVX2 run; tests use it).
     Raises OSError or subprocess.CalledProcessError when no compiler works.
@@ -54,24 +65,118 @@ def build(*, scalar: bool = False) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc or gcc) on PATH")
-    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"] + (["-DMOERAG_SCALAR"] if scalar else [])
+    flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"] + (
+        ["-DMOERAG_SCALAR"] if scalar else []
+    )
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, *flags, _cpu_flags()]).encode()).hexdigest()
+    texts = [f"{path.name}\0{path.read_text()}" for path in sources()]
+    key = hashlib.sha256("\0".join([*texts, compiler, version, *flags, _cpu_flags()]).encode()).hexdigest()
     target = cache_dir() / f"moerag-native-{key[:16]}.so"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # concurrent builders each rename a whole file
         out = Path(tmp) / target.name
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, check=True)
+        subprocess.run(
+            [compiler, *flags, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True, check=True
+        )
         os.replace(out, target)
     log.info("built the native CPU kernels: %s", target)
     return target
 
 
+class Proj(ctypes.Structure):
+    """native.h's Proj: one projection for moerag_attention (weight layout, shapes, pointers; bias fp32 or NULL)."""
+
+    _fields_ = [("fmt", _I), ("n", _I), ("k", _I), ("group", _I), ("w", _P), ("scale", _P), ("bias", _P)]
+
+
+class BlockArgs(ctypes.Structure):
+    """native.h's BlockArgs: a decoder block for moerag_blocks; pointers into tensors kept alive elsewhere."""
+
+    _fields_ = [
+        *[
+            (name, _I)
+            for name in ("heads", "kv_heads", "head_dim", "experts", "topk", "renormalize", "fmt", "inter", "group")
+        ],
+        ("attn", ctypes.POINTER(Proj)),
+        *[(name, _P) for name in ("qnorm", "knorm", "in_norm", "post_norm")],
+        ("qk_eps", _F),
+        ("eps", _F),
+        ("router", ctypes.POINTER(Proj)),
+        *[(name, _P) for name in ("w13", "s13", "w2", "s2")],
+    ]
+
+
+class AbiField(ctypes.Structure):
+    """native.h's AbiField: one entry of moerag_abi(), a struct or one of its fields."""
+
+    _fields_ = [("name", ctypes.c_char_p), ("offset", _I), ("size", _I)]
+
+
+MIRRORS = (Proj, BlockArgs)  # the structs shared with native.h (named as there), in moerag_abi's order
+
+
+def _layout(mirrors: tuple[type[ctypes.Structure], ...]) -> list[tuple[str, int, int]]:
+    """What moerag_abi() reports for these mirrors: (name, offset, size) of each struct, then of its fields."""
+    entries = []
+    for mirror in mirrors:
+        entries.append((mirror.__name__, 0, ctypes.sizeof(mirror)))
+        for field, *_ in mirror._fields_:
+            described = getattr(mirror, field)
+            entries.append((f"{mirror.__name__}.{field}", described.offset, described.size))
+    return entries
+
+
+def _describe(entry: tuple[str, int, int] | None) -> str:
+    return "nothing" if entry is None else f"{entry[0]} (offset {entry[1]}, {entry[2]} bytes)"
+
+
+def abi_mismatch(
+    lib: ctypes.CDLL, *, mirrors: tuple[type[ctypes.Structure], ...] = MIRRORS, formats: tuple[Format, ...] = FORMATS
+) -> str | None:
+    """The first difference between the library and Python's view of it, or None when they agree.
+
+    Compares moerag_abi() (the ABI version; each shared struct's size, each field's name, offset
+    and size, in order) with the ctypes `mirrors`, and the library's format table with `formats`
+    (the name at each code).
+    """
+    version, count = ctypes.c_int64(), ctypes.c_int64()
+    fields = lib.moerag_abi(ctypes.byref(version), ctypes.byref(count))
+    if version.value != ABI_VERSION:
+        return f"the ABI version is {version.value} in the library, {ABI_VERSION} in engine/native.py"
+    reported = [(field.name.decode(), field.offset, field.size) for field in fields[: count.value]]
+    for c_side, py_side in itertools.zip_longest(reported, _layout(mirrors)):
+        if c_side != py_side:
+            return f"the library has {_describe(c_side)} where engine/native.py has {_describe(py_side)}"
+    for fmt in formats:
+        name = lib.moerag_format_name(fmt.code)
+        if name is None:
+            return f"format code {fmt.code} ({fmt.name!r} in kernels/formats.py) has no row in native.c's format table"
+        if name != fmt.name.encode():
+            return f"format code {fmt.code} is {name.decode()!r} in native.c, {fmt.name!r} in kernels/formats.py"
+    return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The exported functions' signatures (native.h)."""
+    lib.moerag_abi.argtypes, lib.moerag_abi.restype = [ctypes.POINTER(_I), ctypes.POINTER(_I)], ctypes.POINTER(AbiField)
+    lib.moerag_format_name.argtypes, lib.moerag_format_name.restype = [_I], ctypes.c_char_p
+    lib.moerag_set_threads.argtypes, lib.moerag_set_threads.restype = [ctypes.c_int], None
+    lib.moerag_gemv.argtypes = [ctypes.c_int, _I, _I, _I, _I, _P, _P, _P, _P]
+    lib.moerag_moe.argtypes = [ctypes.c_int, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P]
+    lib.moerag_attention.argtypes = [_I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _F, _P, _P, _P, _P, _F, _P]
+    lib.moerag_blocks.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F]
+    for fn in (lib.moerag_gemv, lib.moerag_moe, lib.moerag_attention, lib.moerag_blocks):
+        fn.restype = ctypes.c_int  # MOERAG_OK or MOERAG_NO_MEMORY (see _check)
+    lib.moerag_dequantize.argtypes, lib.moerag_dequantize.restype = [ctypes.c_int, _I, _I, _I, _P, _P, _P], None
+    lib.moerag_rmsnorm.argtypes, lib.moerag_rmsnorm.restype = [_I, _I, _P, _P, _F, _P], None
+
+
 @cache
 def library(*, scalar: bool = False) -> ctypes.CDLL | None:
-    """The loaded kernels, or None (logged once) when they cannot be built or MOERAG_NATIVE=0."""
+    """The loaded kernels, or None (logged once) when they cannot be built, disagree with their
+    Python mirrors (abi_mismatch), or MOERAG_NATIVE=0."""
     if os.environ.get("MOERAG_NATIVE", "1") == "0":
         return None
     try:
@@ -80,18 +185,32 @@ def library(*, scalar: bool = False) -> ctypes.CDLL | None:
         detail = getattr(exc, "stderr", "") or exc
         log.warning("native CPU kernels unavailable (%s); decoding on torch alone, several times slower", detail)
         return None
-    lib.moerag_gemv.argtypes = [ctypes.c_int, _I, _I, _I, _I, _P, _P, _P, _P]
-    lib.moerag_moe.argtypes = [ctypes.c_int, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P]
-    lib.moerag_dequantize.argtypes = [ctypes.c_int, _I, _I, _I, _P, _P, _P]
-    lib.moerag_rmsnorm.argtypes = [_I, _I, _P, _P, ctypes.c_float, _P]
-    lib.moerag_attention.argtypes = [_I, _I, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_float, _P, _P, _P, _P, ctypes.c_float, _P]
-    lib.moerag_set_threads.argtypes = [ctypes.c_int]
-    lib.moerag_blocks.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, ctypes.c_float]
-    fns = (lib.moerag_gemv, lib.moerag_moe, lib.moerag_dequantize, lib.moerag_rmsnorm, lib.moerag_attention)
-    for fn in (*fns, lib.moerag_blocks):
-        fn.restype = None
+    _declare(lib)
+    mismatch = abi_mismatch(lib)
+    if mismatch is not None:
+        log.error(
+            "native CPU kernels refused: %s. engine/native.h (and native.c's format table) and engine/native.py "
+            "must change together; decoding on torch alone, several times slower",
+            mismatch,
+        )
+        return None
     lib.moerag_set_threads(torch.get_num_threads())  # the kernels' own threads (see native.c)
     return lib
+
+
+def _check(status: int, kernel: str) -> None:
+    """Raise for a kernel's status other than MOERAG_OK (native.h): its scratch memory failed."""
+    if status != 0:
+        raise EngineError(
+            f"The native CPU kernels ran out of memory in {kernel} (scratch buffers of the step). "
+            "Free memory, decode fewer sequences at once, or run on torch alone with MOERAG_NATIVE=0."
+        )
+
+
+def _check_position(position: int, slots: int) -> None:
+    """The kernels write the new key and value at `position` unchecked: refuse one past the cache."""
+    if not 0 <= position < slots:
+        raise ContextLengthError(f"Decode position {position} is outside the KV cache's {slots} positions.")
 
 
 def available() -> bool:
@@ -100,28 +219,32 @@ def available() -> bool:
 
 def supports(w: torch.Tensor) -> bool:
     """Whether the kernels read this weight (fp16 and others fall back to torch)."""
-    return w.dtype in FORMATS and w.device.type == "cpu" and w.is_contiguous()
+    return format_of(w) is not None and w.device.type == "cpu" and w.is_contiguous()
 
 
-def _format(w: torch.Tensor, scale: torch.Tensor | None) -> tuple[int, int, int]:
-    """(format code, K inputs, int4 group) of a weight [.., N, K or K/2]."""
-    fmt = FORMATS[w.dtype]
-    k = w.shape[-1] * 2 if fmt == 3 else w.shape[-1]
-    group = k // scale.shape[-2] if fmt == 3 else 32
-    return fmt, k, group
+def layout(w: torch.Tensor, scale: torch.Tensor | None) -> tuple[int, int, int]:
+    """(format code, K inputs, int4 group) of a weight [.., N, K or K/2] (kernels/formats.py)."""
+    fmt = format_of(w)
+    return fmt.code, fmt.inputs(w), fmt.group(w, scale)
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
+def address(t: torch.Tensor | None) -> int | None:
+    """A tensor's data pointer for the kernels, None (NULL) for no tensor."""
     return None if t is None else t.data_ptr()
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, *, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, *, lib: ctypes.CDLL | None = None
+) -> torch.Tensor:
     """x [M, K] fp32 @ W^T -> [M, N] fp32, for small M (decode): each weight row is read once."""
     lib = lib or library()
-    fmt, k, group = _format(w, scale)
+    fmt, k, group = layout(w, scale)
     x = x.contiguous()
     y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)  # [M, N]
-    lib.moerag_gemv(fmt, x.shape[0], w.shape[0], k, group, x.data_ptr(), w.data_ptr(), _ptr(scale), y.data_ptr())
+    status = lib.moerag_gemv(
+        fmt, x.shape[0], w.shape[0], k, group, x.data_ptr(), w.data_ptr(), address(scale), y.data_ptr()
+    )
+    _check(status, "moerag_gemv")
     return y
 
 
@@ -138,24 +261,25 @@ def moe(
 ) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [T, H] fp32, in one call (decode)."""
     lib = lib or library()
-    fmt, hidden, group = _format(w13, w13_scale)
+    fmt, hidden, group = layout(w13, w13_scale)
     inter = w13.shape[1] // 2
     x, ids = x.float().contiguous(), ids.to(torch.int64).contiguous()
     weights = weights.float().contiguous()
     out = torch.empty((x.shape[0], hidden), dtype=torch.float32)  # [T, H]
-    lib.moerag_moe(
+    status = lib.moerag_moe(
         fmt, ids.shape[0], ids.shape[1], hidden, inter, group, x.data_ptr(), ids.data_ptr(), weights.data_ptr(),
-        w13.data_ptr(), _ptr(w13_scale), w2.data_ptr(), _ptr(w2_scale), out.data_ptr(),
+        w13.data_ptr(), address(w13_scale), w2.data_ptr(), address(w2_scale), out.data_ptr(),
     )  # fmt: skip
+    _check(status, "moerag_moe")
     return out
 
 
 def dequantize(w: torch.Tensor, scale: torch.Tensor | None = None, *, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """W as fp32 [N, K], for products with many rows (prefill), which torch's GEMM then runs."""
     lib = lib or library()
-    fmt, k, group = _format(w, scale)
+    fmt, k, group = layout(w, scale)
     out = torch.empty((w.shape[0], k), dtype=torch.float32)
-    lib.moerag_dequantize(fmt, w.shape[0], k, group, w.data_ptr(), _ptr(scale), out.data_ptr())
+    lib.moerag_dequantize(fmt, w.shape[0], k, group, w.data_ptr(), address(scale), out.data_ptr())
     return out
 
 
@@ -168,21 +292,17 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, lib: ctypes.CD
     return out
 
 
-class Proj(ctypes.Structure):
-    """One projection for moerag_attention: weight layout, shapes, pointers (bias fp32 or NULL)."""
-
-    _fields_ = [("fmt", _I), ("n", _I), ("k", _I), ("group", _I), ("w", _P), ("scale", _P), ("bias", _P)]
-
-
-def projections(layers: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]) -> tuple[ctypes.Array, list]:
+def projections(
+    layers: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
+) -> tuple[ctypes.Array, list]:
     """(weight, scale, bias) per projection -> (a Proj array, the tensors it points into, to keep alive)."""
     keep, array = [], (Proj * len(layers))()
     for slot, (w, scale, bias) in zip(array, layers, strict=True):
-        fmt, k, group = _format(w, scale)
+        fmt, k, group = layout(w, scale)
         bias32 = None if bias is None else bias.float().contiguous()
         keep += [w, scale, bias32]
         slot.fmt, slot.n, slot.k, slot.group = fmt, w.shape[0], k, group
-        slot.w, slot.scale, slot.bias = w.data_ptr(), _ptr(scale), _ptr(bias32)
+        slot.w, slot.scale, slot.bias = w.data_ptr(), address(scale), address(bias32)
     return array, keep
 
 
@@ -209,27 +329,15 @@ def attention(
     Writes the new key and value at `position` of the fp32 caches [B, G, S_max, D].
     """
     lib = lib or library()
+    _check_position(position, k_cache.shape[2])
     out = torch.empty((x.shape[0], projs[3].n), dtype=torch.float32)
-    lib.moerag_attention(
+    status = lib.moerag_attention(
         x.shape[0], heads, kv_heads, head_dim, position, k_cache.shape[2], x.data_ptr(), projs,
-        _ptr(q_norm), _ptr(k_norm), eps, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        address(q_norm), address(k_norm), eps, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         scale, out.data_ptr(),
     )  # fmt: skip
+    _check(status, "moerag_attention")
     return out
-
-
-class BlockArgs(ctypes.Structure):
-    """A decoder block for moerag_block (see native.c); pointers into tensors kept alive elsewhere."""
-
-    _fields_ = [
-        *[(name, _I) for name in ("heads", "kv_heads", "head_dim", "experts", "topk", "renormalize", "fmt", "inter", "group")],
-        ("attn", ctypes.POINTER(Proj)),
-        *[(name, _P) for name in ("qnorm", "knorm", "in_norm", "post_norm")],
-        ("qk_eps", ctypes.c_float),
-        ("eps", ctypes.c_float),
-        ("router", ctypes.POINTER(Proj)),
-        *[(name, _P) for name in ("w13", "s13", "w2", "s2")],
-    ]
 
 
 class Stack:
@@ -257,11 +365,13 @@ def blocks(
     lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """One decode step of every block in `stack` (attention + softmax-routed experts each, see
-    moerag_block): x [B, H] fp32 -> new x; each block's new key and value go into its cache."""
+    decode_block in native.c): x [B, H] fp32 -> new x; each block's new key and value go into its cache."""
     lib = lib or library()
+    _check_position(position, stack.smax)
     x = x.contiguous().clone()  # updated in place by the kernel
-    lib.moerag_blocks(
+    status = lib.moerag_blocks(
         stack.args, len(stack.blocks), x.shape[0], position, stack.smax, x.data_ptr(), cos.data_ptr(),
         sin.data_ptr(), stack.k, stack.v, scale,
     )  # fmt: skip
+    _check(status, "moerag_blocks")
     return x

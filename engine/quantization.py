@@ -1,7 +1,7 @@
 """Weight-only quantization as a transform: `quantize(model, "int8" | "int4")` swaps modules in place.
 
 int8: per output channel, w [N, K] ~= q * s [N], s = max|w[n, :]| / 127.
-int4: asymmetric per group of `group_size` inputs, w ~= (q - 8) * scale + zero (see qmatmul).
+int4: asymmetric per group of `group_size` inputs, w ~= (q - 8) * scale + zero (see kernels/formats.py).
 Activations stay in the model dtype (the native int4 kernel rounds them to int8 per 32 inside
 the product). Shapes: N outputs, K inputs, E experts, G groups. The architecture files never
 mention quantization.
@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.decoder import CausalLM
 from engine.errors import EngineError
 from engine.experts import EXPERT_BACKENDS
 from engine.moe import Experts
-from engine.qmatmul import INT4_GROUPS, quantize_int4, quantize_int8
 from engine.qmatmul import linear as qlinear
+from kernels.formats import INT4_GROUPS, quantize_int4, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ TARGETS = ("experts", "attention", "mlp", "head")
 
 
 class QuantizedLinear(nn.Module):
-    """A Linear whose weight is int8 or int4 (`weight`, `scale` as in qmatmul); same call."""
+    """A Linear whose weight is int8 or int4 (`weight`, `scale` as in kernels/formats.py); same call."""
 
     def __init__(self, linear: nn.Linear, scheme: str, group: int) -> None:
         super().__init__()
@@ -99,7 +100,9 @@ def quantize_modules(
     """Swap the float modules under `net` (a whole model or one decoder layer); returns the count.
 
     Already-quantized modules are left alone, so the loader can call this per layer and then once
-    more on the whole model (for the head). Works on the meta device too (shapes only).
+    more on the whole model (for the head). Works on the meta device too (shapes only). A whole
+    CausalLM forgets what it built from its old weights; after quantizing a part of a model that
+    has already run, call the model's `weights_changed()`.
     """
     chosen: list[tuple[str, nn.Module, str, nn.Module]] = []
     for parent_name, parent in net.named_modules():
@@ -121,6 +124,8 @@ def quantize_modules(
             continue
         setattr(parent, child_name, new)
         swaps += 1
+    if swaps and isinstance(net, CausalLM):
+        net.weights_changed()
     return swaps
 
 

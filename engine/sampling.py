@@ -5,7 +5,9 @@ Shapes: B sequences, V vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -14,13 +16,24 @@ from engine.errors import EngineError
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy (argmax); top_k 0 and top_p 1.0 disable those filters."""
+    """One request's decoding settings (vLLM's habit: everything but the prompt in one object).
+
+    temperature 0 means greedy (argmax); top_k 0 and top_p 1.0 disable those filters.
+    max_new_tokens: at most this many new tokens (fewer when the context window ends first).
+    stop: text that ends the text methods' output (stream, complete, stream_tokens); the match
+    and anything after it are not returned.
+    eos_token_ids: ids that end a sequence (included in `generate`'s output, never shown as
+    text); None uses the checkpoint's own, () never stops early.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    max_new_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -31,6 +44,21 @@ class SamplingParams:
             raise EngineError(f"top_k must be >= 0 (0 = off), got {self.top_k}.")
         if self.repetition_penalty <= 0:
             raise EngineError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}.")
+        if self.max_new_tokens < 0:
+            raise EngineError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}.")
+        if isinstance(self.stop, str):  # one stop string, not its characters
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.eos_token_ids is not None:
+            object.__setattr__(self, "eos_token_ids", tuple(int(t) for t in self.eos_token_ids))
+
+    def updated(self, **fields: Any) -> SamplingParams:
+        """A copy with `fields` changed (an unknown name raises EngineError naming the valid ones)."""
+        unknown = set(fields) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            valid = ", ".join(f.name for f in dataclasses.fields(self))
+            raise EngineError(f"Unknown sampling setting(s) {', '.join(sorted(unknown))}; valid: {valid}.")
+        return dataclasses.replace(self, **fields) if fields else self
 
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:

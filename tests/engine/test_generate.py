@@ -91,7 +91,7 @@ def test_repetition_penalty_matches_transformers(tiny_checkpoint) -> None:
     prompt = torch.tensor(PROMPT)
     with torch.no_grad():
         expected = ref.generate(prompt[None], max_new_tokens=24, do_sample=False, repetition_penalty=1.8)
-    got = model.generate(PROMPT, max_new_tokens=24, sampling=engine.SamplingParams(repetition_penalty=1.8))
+    got = model.generate(PROMPT, engine.SamplingParams(repetition_penalty=1.8), max_new_tokens=24)
     assert got == expected[0, len(PROMPT) :].tolist()
     assert got != model.generate(PROMPT, max_new_tokens=24)  # the penalty changed something
 
@@ -101,15 +101,15 @@ def test_sampling_is_seeded_and_filters_collapse_to_greedy(tiny_checkpoint) -> N
     model = engine.load_model(path)
     greedy = model.generate(PROMPT, max_new_tokens=16)
     hot = engine.SamplingParams(temperature=1.5, seed=7)
-    first = model.generate(PROMPT, max_new_tokens=16, sampling=hot)
-    assert first == model.generate(PROMPT, max_new_tokens=16, sampling=hot)
+    first = model.generate(PROMPT, hot, max_new_tokens=16)
+    assert first == model.generate(PROMPT, hot, max_new_tokens=16)
     assert first != greedy
     assert (
-        model.generate(PROMPT, max_new_tokens=16, sampling=engine.SamplingParams(temperature=1.5, top_k=1, seed=1))
+        model.generate(PROMPT, engine.SamplingParams(temperature=1.5, top_k=1, seed=1), max_new_tokens=16)
         == greedy
     )
     assert (
-        model.generate(PROMPT, max_new_tokens=16, sampling=engine.SamplingParams(temperature=1.5, top_p=1e-6, seed=1))
+        model.generate(PROMPT, engine.SamplingParams(temperature=1.5, top_p=1e-6, seed=1), max_new_tokens=16)
         == greedy
     )
 
@@ -120,10 +120,22 @@ def test_sampling_stays_inside_top_k(tiny_checkpoint) -> None:
     allowed = set(model.logits(PROMPT)[-1].topk(3).indices.tolist())
     for seed in range(8):
         params = engine.SamplingParams(temperature=5.0, top_k=3, seed=seed)
-        assert model.generate(PROMPT, max_new_tokens=1, sampling=params)[0] in allowed
+        assert model.generate(PROMPT, params, max_new_tokens=1)[0] in allowed
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(repetition_penalty=0)])
+@pytest.mark.parametrize(
+    "bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(repetition_penalty=0), dict(max_new_tokens=-1)]
+)
 def test_bad_sampling_params_are_refused(bad: dict) -> None:
     with pytest.raises(engine.EngineError):
         engine.SamplingParams(**bad)
+
+
+def test_settings_as_keywords_override_the_params_object(tiny_checkpoint) -> None:
+    _, path = tiny_checkpoint("llama")
+    model = engine.load_model(path)
+    params = engine.SamplingParams(max_new_tokens=12, eos_token_ids=())
+    assert len(model.generate(PROMPT, params)) == 12
+    assert model.generate(PROMPT, params, max_new_tokens=5) == model.generate(PROMPT, params)[:5]
+    with pytest.raises(engine.EngineError, match="max_new_tokens"):  # a typo names the valid settings
+        model.generate(PROMPT, max_tokens=5)

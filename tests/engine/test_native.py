@@ -1,14 +1,23 @@
-"""The native CPU kernels against plain torch: every weight layout, both builds (AVX2 and portable)."""
+"""The native CPU kernels against plain torch: every weight layout, both builds (AVX2 and portable);
+and the library's contract with Python: its ABI check, its out-of-memory status, its build key."""
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
+import logging
+import re
+from types import SimpleNamespace
+
 import pytest
 import torch
-
 import torch.nn.functional as F
 
 from engine import native
-from engine.qmatmul import dequantize_reference, matmul, pack_int4, quantize_int4, quantize_int8, unpack_int4
+from engine.errors import EngineError
+from engine.qmatmul import matmul
+from kernels.formats import FORMATS, INT4, INT8, pack_int4, quantize_int4, quantize_int8, unpack_int4
+from kernels.formats import dequantize as dequantize_reference
 
 # The SIMD build rounds activations (to int16 per chunk of 32 for int8 weights, to int8 per
 # weight group for int4 ones, as llama.cpp does); `expected` rounds them the same way, so every comparison is to
@@ -149,7 +158,7 @@ def test_attention_step_equals_the_reference(lib, position: int, norm: bool, bia
     b, heads, kv_heads, hidden, smax = 2, 8, 2, 64, 40
     shapes = [(heads * d, hidden), (kv_heads * d, hidden), (kv_heads * d, hidden), (hidden, heads * d)]
     weights = [(*_weights(fmt, shape, 64), torch.randn(shape[0]) if bias else None) for shape in shapes]
-    projs, keep = native.projections(weights)
+    projs, _keep = native.projections(weights)  # _keep: the tensors projs points into
     q_norm, k_norm = (torch.rand(d) + 0.5, torch.rand(d) + 0.5) if norm else (None, None)
     angle = torch.rand(d // 2) * position
     cos, sin = torch.cat([angle.cos(), angle.cos()]), torch.cat([angle.sin(), angle.sin()])  # [D]
@@ -176,5 +185,107 @@ def test_attention_step_equals_the_reference(lib, position: int, norm: bool, bia
     values = v_want[:, :, : position + 1].repeat_interleave(heads // kv_heads, dim=1)
     probs = torch.softmax(torch.einsum("bnd,bnsd->bns", q, keys) * d**-0.5, dim=-1)
     want = project(3, torch.einsum("bns,bnsd->bnd", probs, values).reshape(b, heads * d))
-    assert torch.allclose(k_cache, k_want, rtol=1e-5, atol=TOLERANCE * float(k_want.abs().max())) and torch.equal(v_cache[:, :, :position], v_want[:, :, :position])
+    assert torch.allclose(k_cache, k_want, rtol=1e-5, atol=TOLERANCE * float(k_want.abs().max())) and torch.equal(
+        v_cache[:, :, :position], v_want[:, :, :position]
+    )
     _close(got, want)
+
+
+def test_the_library_agrees_with_its_python_mirrors(lib) -> None:
+    assert native.abi_mismatch(lib) is None
+
+
+def _mirror(name: str, fields: list[tuple]) -> type[ctypes.Structure]:
+    return type(name, (ctypes.Structure,), {"_fields_": fields})
+
+
+_PROJ, _BLOCK = native.Proj._fields_, native.BlockArgs._fields_
+_SWAPPED = {"w13": "w2", "w2": "w13"}
+_BLOCK_BYTES, _W13 = ctypes.sizeof(native.BlockArgs), native.BlockArgs.w13.offset  # 160, 128 on 64-bit machines
+
+
+@pytest.mark.parametrize(
+    "mirrors,formats,says",
+    [
+        (  # a field's type
+            (_mirror("Proj", [("fmt", ctypes.c_int32), *_PROJ[1:]]), native.BlockArgs),
+            None,
+            "the library has Proj.fmt (offset 0, 8 bytes) where engine/native.py has Proj.fmt (offset 0, 4 bytes)",
+        ),
+        (  # a field left out
+            (native.Proj, _mirror("BlockArgs", [f for f in _BLOCK if f[0] != "renormalize"])),
+            None,
+            (
+                f"the library has BlockArgs (offset 0, {_BLOCK_BYTES} bytes) "
+                f"where engine/native.py has BlockArgs (offset 0, {_BLOCK_BYTES - 8} bytes)"
+            ),
+        ),
+        (  # two fields of one type in another order: only their names tell
+            (native.Proj, _mirror("BlockArgs", [(_SWAPPED.get(name, name), kind) for name, kind in _BLOCK])),
+            None,
+            f"the library has BlockArgs.w13 (offset {_W13}, 8 bytes) where engine/native.py has BlockArgs.w2 (offset {_W13}, 8 bytes)",
+        ),
+        (
+            (native.Proj,),
+            None,
+            f"the library has BlockArgs (offset 0, {_BLOCK_BYTES} bytes) where engine/native.py has nothing",
+        ),
+        (
+            None,
+            (dataclasses.replace(INT8, name="fp8"),),
+            "format code 2 is 'int8' in native.c, 'fp8' in kernels/formats.py",
+        ),
+        (
+            None,
+            (dataclasses.replace(INT4, name="mxfp4", code=4),),
+            "format code 4 ('mxfp4' in kernels/formats.py) has no row in native.c's format table",
+        ),
+    ],
+)
+def test_a_drifted_mirror_or_format_table_is_named(lib, mirrors, formats, says: str) -> None:
+    assert native.abi_mismatch(lib, mirrors=mirrors or native.MIRRORS, formats=formats or FORMATS) == says
+
+
+def test_a_library_that_disagrees_is_refused_for_torch(monkeypatch, caplog) -> None:
+    if native.library() is None:
+        pytest.skip("no C compiler: the engine runs on torch alone")
+    monkeypatch.setattr(native, "ABI_VERSION", native.ABI_VERSION + 1)
+    native.library.cache_clear()
+    try:
+        with caplog.at_level(logging.ERROR, logger=native.__name__):
+            assert native.library() is None
+    finally:
+        native.library.cache_clear()  # the next caller loads the library again, unpatched
+    assert "native CPU kernels refused: the ABI version is 1 in the library, 2 in engine/native.py" in caplog.text
+
+
+HUGE = 1 << 50  # rows whose scratch (petabytes) no allocator can give
+
+
+def test_kernels_report_out_of_memory_instead_of_crashing(lib) -> None:
+    projs, _keep = native.projections([(torch.randn(32, 64), None, None)] * 3 + [(torch.randn(64, 32), None, None)])
+    block = native.BlockArgs(heads=2, kv_heads=2, head_dim=16, experts=4, topk=1, router=projs)
+    no_memory = 1  # MOERAG_NO_MEMORY in native.h
+    assert lib.moerag_gemv(0, HUGE, 8, 32, 32, None, None, None, None) == no_memory
+    assert lib.moerag_moe(3, HUGE, 1, 64, 32, 32, *[None] * 8) == no_memory
+    attention = lib.moerag_attention(
+        HUGE, 2, 2, 16, 0, 1, None, projs, None, None, 1e-6, None, None, None, None, 1.0, None
+    )
+    assert attention == no_memory
+    caches = (ctypes.c_void_p * 1)()  # one block's (NULL) cache pointer
+    assert lib.moerag_blocks(ctypes.byref(block), 1, HUGE, 0, 1, None, None, None, caches, caches, 1.0) == no_memory
+
+
+def test_out_of_memory_in_a_kernel_is_an_engine_error() -> None:
+    full = SimpleNamespace(moerag_gemv=lambda *args: 1)  # a library whose kernel reports MOERAG_NO_MEMORY
+    with pytest.raises(EngineError, match="ran out of memory in moerag_gemv"):
+        native.gemv(torch.randn(1, 32), torch.randn(8, 32), lib=full)
+
+
+def test_the_build_key_covers_every_file_native_c_includes() -> None:
+    included, todo = set(), [native.SOURCE]
+    while todo:
+        path = todo.pop()
+        included.add(path)
+        todo += [path.parent / name for name in re.findall(r'#include "([^"]+)"', path.read_text())]
+    assert len(included) >= 4 and included <= set(native.sources())  # native.c, .h, _generic.c, _simd.c

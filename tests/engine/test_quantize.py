@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import engine
-from engine.qmatmul import dequantize_reference, matmul, quantize_int4, quantize_int8
+from engine.qmatmul import matmul
 from engine.quantization import QuantizedExperts, QuantizedLinear
+from kernels.formats import dequantize as dequantize_reference
+from kernels.formats import quantize_int4, quantize_int8
 
 PROMPT = list(range(3, 300, 11))
 

@@ -1,4 +1,4 @@
-"""kernels.align: the invariants of the sorted, padded slot layout, on awkward routings."""
+"""kernels.align (kernels/alignment.py): the invariants of the sorted, padded slot layout, on awkward routings."""
 
 from __future__ import annotations
 

@@ -1,0 +1,141 @@
+/* The portable kernels: plain C, no intrinsics. The portable build (a CPU without AVX2 and FMA,
+ * or -DMOERAG_SCALAR) runs on these alone; the SIMD build (native_simd.c) takes the _avx2 twin
+ * of each _generic function where there is one (see PICK in native.c) and the rest of these
+ * (dequantization; attention's loop for head dims not a multiple of 8). Activations stay fp32
+ * here, unrounded: the only preparation is int4's sums per group.
+ *
+ * Included by native.c, after Act and Weights; not compiled on its own.
+ */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* sum of x[i]^2 over n values */
+TWIN float sum_squares_generic(const float *x, int64_t n) {
+    float total = 0.f;
+    for (int64_t i = 0; i < n; i++) total += x[i] * x[i];
+    return total;
+}
+
+/* a[i] = silu(g[i]) * u[i] */
+TWIN void silu_mul_generic(const float *g, const float *u, float *a, int64_t n) {
+    for (int64_t i = 0; i < n; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
+static float dot_f32_generic(const float *w, const float *x, int64_t k) {
+    float total = 0.f;
+    for (int64_t i = 0; i < k; i++) total += w[i] * x[i];
+    return total;
+}
+
+typedef float (*DotF32)(const float *w, const float *x, int64_t k);
+
+/* o [D] = softmax(q k^T * scale) v for one query head over s positions of its key head's caches
+ * k, v [S, D], one position at a time with the build's fp32 dot product; p [S] is scratch. */
+static inline void attend_positions(const float *q, const float *k, const float *v, int64_t s, int64_t d, float scale,
+                                    float *p, float *o, DotF32 dot) {
+    float top = -INFINITY, total = 0.f;
+    for (int64_t t = 0; t < s; t++) {
+        p[t] = dot(k + t * d, q, d) * scale;
+        top = fmaxf(top, p[t]);
+    }
+    for (int64_t t = 0; t < s; t++) total += (p[t] = expf(p[t] - top));
+    for (int64_t c = 0; c < d; c++) o[c] = 0.f;
+    for (int64_t t = 0; t < s; t++) {
+        float w = p[t] / total;
+        for (int64_t c = 0; c < d; c++) o[c] += w * v[t * d + c];
+    }
+}
+
+TWIN void attend_generic(const float *q, const float *k, const float *v, int64_t s, int64_t d, float scale, float *p,
+                         float *o) {
+    attend_positions(q, k, v, s, d, scale, p, o, dot_f32_generic);
+}
+
+/* Row `row` of each format against fp32 activations (see the layouts in native.c). */
+
+TWIN float fp32_dot_generic(const Weights *m, int64_t row, const Act *a) {
+    return dot_f32_generic((const float *)m->w + row * m->k, a->f, m->k);
+}
+
+TWIN float bf16_dot_generic(const Weights *m, int64_t row, const Act *a) {
+    const uint16_t *w = (const uint16_t *)m->w + row * m->k;
+    float total = 0.f;
+    for (int64_t i = 0; i < m->k; i++) total += bf16_to_f32(w[i]) * a->f[i];
+    return total;
+}
+
+TWIN float int8_dot_generic(const Weights *m, int64_t row, const Act *a) {
+    const int8_t *w = (const int8_t *)m->w + row * m->k;
+    float total = 0.f;
+    for (int64_t i = 0; i < m->k; i++) total += (float)w[i] * a->f[i];
+    return total * ((const float *)m->scale)[row];
+}
+
+/* int4 activations: the sum of x over each weight group [K/G], for the zero points. */
+TWIN size_t int4_act_bytes_generic(int64_t k, int64_t group) { return sizeof(float) * (size_t)(k / group); }
+
+TWIN void int4_prepare_generic(Act *a, const float *x, int64_t k, int64_t group) {
+    a->sum = (float *)a->mem;
+    for (int64_t g = 0; g < k / group; g++) {
+        float total = 0.f;
+        for (int64_t i = 0; i < group; i++) total += x[g * group + i];
+        a->sum[g] = total;
+    }
+}
+
+/* w = (q - 8) s + z: sum_c s_c sum(q x) + sum_g (z_g - 8 s_g) sum_g(x). */
+TWIN float int4_dot_generic(const Weights *m, int64_t row, const Act *a) {
+    int64_t k = m->k, group = m->group;
+    const uint8_t *q = (const uint8_t *)m->w + row * (k / 2);
+    const uint16_t *sz = (const uint16_t *)m->scale + row * (k / group) * 2;
+    float total = 0.f, offset = 0.f;
+    for (int64_t g = 0; g < k / group; g++) {
+        float s = bf16_to_f32(sz[2 * g]), z = bf16_to_f32(sz[2 * g + 1]);
+        offset += (z - 8.f * s) * a->sum[g];
+    }
+    for (int64_t c = 0; c < k / 32; c++) {
+        float s = bf16_to_f32(sz[2 * (32 * c / group)]), part = 0.f;
+        for (int j = 0; j < 16; j++) {
+            part += (float)(q[16 * c + j] & 15) * a->f[32 * c + j];
+            part += (float)(q[16 * c + j] >> 4) * a->f[32 * c + 16 + j];
+        }
+        total += s * part;
+    }
+    return total + offset;
+}
+
+/* Row `row` of each format as fp32, out [K]. */
+
+static void fp32_dequantize_generic(const Weights *m, int64_t row, float *out) {
+    memcpy(out, (const float *)m->w + row * m->k, sizeof(float) * (size_t)m->k);
+}
+
+static void bf16_dequantize_generic(const Weights *m, int64_t row, float *out) {
+    const uint16_t *w = (const uint16_t *)m->w + row * m->k;
+    for (int64_t i = 0; i < m->k; i++) out[i] = bf16_to_f32(w[i]);
+}
+
+static void int8_dequantize_generic(const Weights *m, int64_t row, float *out) {
+    const int8_t *w = (const int8_t *)m->w + row * m->k;
+    float s = ((const float *)m->scale)[row];
+    for (int64_t i = 0; i < m->k; i++) out[i] = (float)w[i] * s;
+}
+
+static void int4_dequantize_generic(const Weights *m, int64_t row, float *out) {
+    int64_t k = m->k, group = m->group;
+    const uint8_t *q = (const uint8_t *)m->w + row * (k / 2);
+    const uint16_t *sz = (const uint16_t *)m->scale + row * (k / group) * 2;
+    for (int64_t c = 0; c < k / 32; c++) {
+        float s = bf16_to_f32(sz[2 * (32 * c / group)]), z = bf16_to_f32(sz[2 * (32 * c / group) + 1]);
+        float base = z - 8.f * s;
+        for (int j = 0; j < 16; j++) {
+            out[32 * c + j] = (float)(q[16 * c + j] & 15) * s + base;
+            out[32 * c + 16 + j] = (float)(q[16 * c + j] >> 4) * s + base;
+        }
+    }
+}

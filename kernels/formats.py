@@ -1,0 +1,144 @@
+"""The weight formats: the one definition of each layout the engine stores and every kernel reads.
+
+The native CPU kernels (engine/native.c, through engine/native.py), the Triton kernels
+(kernels/experts.py), the torch fallbacks (engine/qmatmul.py) and the tests all take their
+layouts from here: packing order, scale and offset layout, and the reference quantize /
+dequantize. Adding a format is one `Format` row here, one row in native.c's format table and
+its kernels. This module imports only torch, so both `engine` and `kernels` may use it.
+
+Shapes: N outputs, K inputs, G = K / group groups; leading dims (stacked experts [E, N, K])
+are carried through unchanged.
+
+  fp32  w [.., N, K] float32; no scale.
+  bf16  w [.., N, K] bfloat16; no scale.
+  int8  q [.., N, K] int8, scale [.., N] fp32; w = q * scale (symmetric, per output channel).
+  int4  packed [.., N, K/2] uint8 in chunks of 32 inputs: byte j of a chunk holds input j in
+        its low nibble and input 16 + j in its high one; scale_zero [.., N, G, 2] bf16;
+        w = (q - 8) * scale + zero (asymmetric, per group of `group` inputs, a multiple of 32).
+The int4 chunk order lets a kernel unpack 32 inputs with one mask and one shift of 16 bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CHUNK = 32  # int4 inputs per packed chunk; every int4 group is a multiple of it
+INT4_GROUPS = (32, 64, 128, 256)
+CHUNK_ELEMENTS = 1 << 22  # rows are quantized in slices of ~16 MB of fp32 temporaries
+
+
+@dataclass(frozen=True)
+class Format:
+    """One weight layout. `code` is its row in native.c's FORMATS table (native.h's MOERAG_* enum) and
+    `name` its name there; the library is refused at load if they disagree."""
+
+    name: str
+    code: int
+    dtype: torch.dtype  # the stored weight's dtype
+    per_element: int  # inputs stored per element of the weight (2 for packed int4)
+    scale: str | None  # the scale tensor's layout, None when the weight is unscaled
+
+    def inputs(self, w: torch.Tensor) -> int:
+        """K, the inputs per output row of a weight [.., N, K / per_element] in this format."""
+        return w.shape[-1] * self.per_element
+
+    def group(self, w: torch.Tensor, scale: torch.Tensor | None) -> int:
+        """Inputs per scale group (int4); formats without groups report CHUNK."""
+        if self is INT4 and scale is not None:
+            return self.inputs(w) // scale.shape[-2]
+        return CHUNK
+
+
+FP32 = Format("fp32", 0, torch.float32, 1, None)
+BF16 = Format("bf16", 1, torch.bfloat16, 1, None)
+INT8 = Format("int8", 2, torch.int8, 1, "fp32 [.., N]")
+INT4 = Format("int4", 3, torch.uint8, 2, "bf16 [.., N, G, 2] (scale, zero)")
+FORMATS = (FP32, BF16, INT8, INT4)  # in code order
+_BY_DTYPE = {f.dtype: f for f in FORMATS}
+
+
+def format_of(w: torch.Tensor) -> Format | None:
+    """The layout of a stored weight, from its dtype; None for others (fp16: torch reads those)."""
+    return _BY_DTYPE.get(w.dtype)
+
+
+def _row_chunks(rows: int, k: int) -> list[slice]:
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] float -> (q [..., N, K] int8, scales [..., N] fp32), per output channel.
+
+    Rows are independent, so they are done a slice at a time: the fp32 temporaries stay ~16 MB
+    instead of several copies of the whole weight (a stacked expert tensor, the output head).
+    """
+    rows = w.reshape(-1, w.shape[-1])  # [R, K]
+    q = torch.empty(rows.shape, dtype=torch.int8, device=w.device)
+    scales = torch.empty(rows.shape[0], dtype=torch.float32, device=w.device)
+    for part in [] if w.is_meta else _row_chunks(*rows.shape):
+        w32 = rows[part].float()  # [r, K]
+        scales[part] = (w32.abs().amax(dim=-1) / 127.0).clamp(min=1e-12)  # [r]
+        q[part] = torch.round(w32 / scales[part, None]).clamp(-127, 127)
+    return q.view(w.shape), scales.view(w.shape[:-1])
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] float -> (packed [..., N, K/2] uint8, scale_zero [..., N, K/group, 2] bf16).
+
+    Asymmetric per group of `group` inputs: scale = (max - min) / 15, zero = min + 8 * scale,
+    q = round((w - min) / scale). Done a slice of rows at a time straight into the packed
+    tensors, so quantizing a stacked expert tensor needs only ~16 MB of temporaries.
+    K must be a multiple of `group`, itself a multiple of CHUNK.
+    """
+    k = w.shape[-1]
+    if group % CHUNK or k % group:
+        raise ValueError(f"int4 needs K ({k}) a multiple of the group ({group}), itself a multiple of {CHUNK}")
+    rows = w.reshape(-1, k)  # [R, K]
+    packed = torch.empty((rows.shape[0], k // 2), dtype=torch.uint8, device=w.device)  # [R, K/2]
+    scale_zero = torch.empty((rows.shape[0], k // group, 2), dtype=torch.bfloat16, device=w.device)  # [R, G, 2]
+    for part in [] if w.is_meta else _row_chunks(*rows.shape):
+        wg = rows[part].float().view(-1, k // group, group)  # [r, G, g]
+        low, high = wg.amin(dim=-1), wg.amax(dim=-1)  # [r, G]
+        scale = ((high - low) / 15).clamp(min=1e-12)  # [r, G]
+        q = torch.round((wg - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)  # [r, G, g]
+        packed[part] = pack_int4(q.view(-1, k))
+        scale_zero[part] = torch.stack([scale, low + 8 * scale], dim=-1)
+    return packed.view(*w.shape[:-1], k // 2), scale_zero.view(*w.shape[:-1], k // group, 2)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [..., K] (0..15) -> [..., K/2] uint8: in each chunk of 32, byte j = q[j] | q[16 + j] << 4."""
+    halves = q.to(torch.uint8).reshape(*q.shape[:-1], q.shape[-1] // CHUNK, 2, CHUNK // 2)  # [..., K/32, 2, 16]
+    return (halves[..., 0, :] | (halves[..., 1, :] << 4)).reshape(*q.shape[:-1], q.shape[-1] // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[..., K/2] uint8 -> q [..., K] uint8 (0..15); the inverse of pack_int4."""
+    chunks = packed.reshape(*packed.shape[:-1], packed.shape[-1] // (CHUNK // 2), 1, CHUNK // 2)  # [..., K/32, 1, 16]
+    return torch.cat([chunks & 15, chunks >> 4], dim=-2).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def quantize(w: torch.Tensor, fmt: Format, group: int = 128) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A float weight [.., N, K] in `fmt`: (stored weight, scale or None)."""
+    if fmt is INT8:
+        return quantize_int8(w)
+    if fmt is INT4:
+        return quantize_int4(w, group)
+    return w.to(fmt.dtype), None
+
+
+def dequantize(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Any stored weight above -> fp32 [..., N, K], in plain torch (the reference every kernel matches)."""
+    fmt = format_of(w)
+    if fmt is INT8:
+        return w.float() * scale.float()[..., None]
+    if fmt is INT4:
+        q = unpack_int4(w).float()  # [..., N, K]
+        groups = scale.shape[-2]
+        s, z = scale[..., 0].float(), scale[..., 1].float()  # [..., N, G]
+        wg = (q.view(*q.shape[:-1], groups, -1) - 8) * s[..., None] + z[..., None]  # [..., N, G, g]
+        return wg.view(q.shape)
+    return w.float()
