@@ -175,33 +175,13 @@ def search(
 # --- docs --------------------------------------------------------------------------------------
 
 
-def _doc_json(doc) -> dict:
-    return {
-        "id": doc.id,
-        "source": doc.source,
-        "title": doc.title,
-        "type": doc.doc_type,
-        "status": doc.status,
-        "error": doc.error,
-        "chunks": doc.n_chunks,
-        "sha256": doc.sha256,
-        "size": doc.size,
-        "updated_at": doc.updated_at.isoformat() if doc.updated_at else None,
-    }
-
-
 @docs_app.command("list")
 def docs_list(collection: CollOpt = None, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """List the documents of a collection."""
-    from sqlalchemy import select
-
-    from retrieval.store import Document
+    from app.library import list_documents
 
     s = _settings(home, collection=collection)
-    kb = _kb(s)
-    with kb.store.session() as session:
-        coll = kb.store.collection(session, s.collection)
-        docs = [_doc_json(d) for d in session.scalars(select(Document).where(Document.collection_id == coll.id).order_by(Document.id))]
+    docs = list_documents(_kb(s), s.collection)
     if as_json:
         print(json.dumps(docs, ensure_ascii=False, indent=2))
         return
@@ -217,6 +197,7 @@ def docs_list(collection: CollOpt = None, as_json: JsonOpt = False, home: HomeOp
 @docs_app.command("show")
 def docs_show(doc_id: int, as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Show one document and its chunks."""
+    from app.library import document_row
     from retrieval.errors import NotFoundError
     from retrieval.store import Document
 
@@ -225,7 +206,7 @@ def docs_show(doc_id: int, as_json: JsonOpt = False, home: HomeOpt = None) -> No
         doc = session.get(Document, doc_id)
         if doc is None:
             raise NotFoundError(f"No document with id {doc_id}. List them with: moerag docs list")
-        info = _doc_json(doc)
+        info = document_row(doc)
         info["collection"] = doc.collection.name
         info["chunk_list"] = [
             {"id": c.id, "page": c.page, "heading": c.heading, "start": c.start, "end": c.end, "tokens": c.n_tokens, "text": c.text}
@@ -309,9 +290,11 @@ def eval_cmd(
 ) -> None:
     """Measure retrieval quality (nDCG@10, Recall@10/100, MRR@10) on a BEIR dataset."""
     from app.evaluate import evaluate
+    from retrieval.search import MODES
 
     s = _settings(home)
-    modes = ["dense", "bm25", "hybrid"] if mode == "all" else [mode or s.search_mode]
+    # all: each retriever alone, then their fusion (the table's rows in that order)
+    modes = sorted(MODES, key=lambda m: m == "hybrid") if mode == "all" else [mode or s.search_mode]
     progress = _RichProgress(err)
     try:
         rows = evaluate(

@@ -1,4 +1,4 @@
-"""A collection's documents as the UI and the HTTP API manage them: list, upload, delete.
+"""A collection's documents as the CLI, the UI and the HTTP API manage them: list, upload, delete.
 
 Uploaded files are written under <home>/uploads/<collection>/ with a name made from the upload's
 own name (directories, `..` and odd characters removed) plus a hash of its content, so a
@@ -157,9 +157,8 @@ def _discard_unused(kb: KnowledgeBase, collection: str, paths: list[Path]) -> No
         with kb.store.session() as session:
             coll = session.scalar(select(Collection).where(Collection.name == collection))
             if coll is not None:
-                used = set(session.scalars(select(Document.source).where(
-                    Document.collection_id == coll.id, Document.n_chunks > 0,
-                    Document.source.in_([str(p.resolve()) for p in paths]))))
+                stored = kb.store.documents(session, coll, sources=[str(p.resolve()) for p in paths])
+                used = {d.source for d in stored if d.n_chunks > 0}
     except MoeragError:
         return  # cannot tell what is used: keep the files rather than lose a document's bytes
     for p in paths:
@@ -167,15 +166,27 @@ def _discard_unused(kb: KnowledgeBase, collection: str, paths: list[Path]) -> No
             p.unlink(missing_ok=True)
 
 
+def document_row(doc: Document) -> dict[str, Any]:
+    """One document as every surface shows it: `moerag docs list --json` prints these rows whole,
+    the API's DocumentOut and the UI's list take the fields they show."""
+    return {
+        "id": doc.id,
+        "source": doc.source,
+        "title": doc.title,
+        "type": doc.doc_type,
+        "status": doc.status,
+        "error": doc.error,
+        "chunks": doc.n_chunks,
+        "sha256": doc.sha256,
+        "size": doc.size,
+        "updated_at": doc.updated_at.isoformat() if doc.updated_at else None,
+    }
+
+
 def list_documents(kb: KnowledgeBase, collection: str) -> list[dict[str, Any]]:
-    """id, source, title, status, error and chunk count of each document, oldest first."""
+    """The rows (`document_row`) of a collection's documents, oldest first."""
     with kb.store.session() as session:
-        coll = kb.store.collection(session, collection)
-        docs = session.scalars(select(Document).where(Document.collection_id == coll.id).order_by(Document.id))
-        return [
-            {"id": d.id, "source": d.source, "title": d.title, "status": d.status, "error": d.error, "chunks": d.n_chunks}
-            for d in docs
-        ]
+        return [document_row(d) for d in kb.store.documents(session, kb.store.collection(session, collection))]
 
 
 def delete_documents(kb: KnowledgeBase, collection: str, ids: list[int] | None, *, lock_wait: float = 0.0) -> int:
@@ -187,7 +198,7 @@ def delete_documents(kb: KnowledgeBase, collection: str, ids: list[int] | None, 
     with kb.write_lock(timeout=lock_wait), kb.store.session() as session:
         coll = kb.store.collection(session, collection)
         if ids is None:
-            docs = list(session.scalars(select(Document).where(Document.collection_id == coll.id)))
+            docs = kb.store.documents(session, coll)
         else:
             docs = []
             for i in ids:

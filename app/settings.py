@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from retrieval.errors import MoeragError
+from retrieval.search import MODES
 
 
 class SettingsError(MoeragError):
@@ -37,7 +38,7 @@ class Settings:
     exact_index_max: int = 100_000  # chunks; above this the FAISS index is approximate (IVF)
     nprobe: int = 32  # IVF lists searched per query
     search_k: int = 10
-    search_mode: str = "hybrid"  # hybrid | dense | bm25
+    search_mode: str = "hybrid"  # one of retrieval.search.MODES: hybrid | dense | bm25
     # Answering (`moerag ask`, the UI, the API)
     generator: str = ""  # extractive | engine | openai; empty: engine if `model` is set, openai if a URL is, else extractive
     model: str = ""  # the engine's checkpoint: a local directory or a Hugging Face hub id
@@ -132,8 +133,8 @@ def load_settings(*, home: Path | None = None, env: dict[str, str] | None = None
     if home is not None:
         values["home"] = home
     settings = Settings(**values)
-    if settings.search_mode not in ("hybrid", "dense", "bm25"):
-        raise SettingsError(f"MOERAG_SEARCH_MODE must be hybrid, dense or bm25 (got {settings.search_mode!r})")
+    if settings.search_mode not in MODES:
+        raise SettingsError(f"MOERAG_SEARCH_MODE must be {', '.join(MODES[:-1])} or {MODES[-1]} (got {settings.search_mode!r})")
     if settings.generator not in ("", "extractive", "engine", "openai"):
         raise SettingsError(f"MOERAG_GENERATOR must be extractive, engine or openai (got {settings.generator!r})")
     if settings.web_provider not in ("duckduckgo", "searxng", "none"):

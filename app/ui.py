@@ -25,8 +25,8 @@ from app.service import AnswerService
 from app.settings import Settings, load_settings
 from app.ui_access import REQUIRE_AUTH_ENV, ScopeError, UiScope, oidc_providers, password_matches
 from retrieval.errors import MoeragError
+from retrieval.search import MODES
 
-MODES = ("hybrid", "dense", "bm25")
 WRONG_PASSWORD_DELAY_S = 1.0
 # Characters that start inline Markdown (and Streamlit's $LaTeX$, :color[...]) anywhere in a line;
 # `&` starts an HTML entity. A backslash before any ASCII punctuation shows it as itself.

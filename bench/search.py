@@ -48,7 +48,8 @@ from ingest.embedder import get_embedder
 from retrieval.bm25 import LexicalIndex, fts_rows, fts_tokenizer, tokenizer
 from retrieval.index import IndexParams, VectorIndex
 from retrieval.kb import KnowledgeBase
-from retrieval.search import BM25_WEIGHTS, _hydrate, bm25_ids, fts_query, query_words, rrf, search
+from retrieval.bm25 import WEIGHTS as BM25_WEIGHTS
+from retrieval.search import _hydrate, bm25_ids, fts_query, query_words, rrf, search
 from retrieval.store import Document
 
 SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "eval" / "scifact"

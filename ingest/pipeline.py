@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from sqlalchemy import select
-
 from ingest.chunker import chunk_document
 from ingest.document import Chunk, LoadedDoc
 from ingest.embedder import Embedder
@@ -298,8 +296,7 @@ def _record_failure(kb: KnowledgeBase, coll_id: int, item: _Item, error: str, *,
 def _prune(kb: KnowledgeBase, report: IngestReport, roots: list[str], *, lock_wait: float) -> None:
     with kb.write_lock(timeout=lock_wait), kb.store.session() as session:
         coll = kb.store.collection(session, report.collection)
-        docs = session.scalars(select(Document).where(Document.collection_id == coll.id)).all()
-        for doc in docs:
+        for doc in kb.store.documents(session, coll):
             under = any(doc.source == r or doc.source.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
             if under and not Path(doc.source).exists():
                 kb.store.delete_document(session, doc)

@@ -16,7 +16,6 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from retrieval.bm25 import WEIGHTS as BM25_WEIGHTS
 from retrieval.errors import RetrievalError
 from retrieval.kb import KnowledgeBase
 from retrieval.store import Chunk, Collection, Document
@@ -148,7 +147,7 @@ def bm25_ids(
     allowed: np.ndarray | None = None,
 ) -> list[tuple[int, float]]:
     """BM25 top-k of one collection, exact: its in-memory index (retrieval/bm25.py) scores the
-    postings of the query's terms, with FTS5's bm25() and the weights BM25_WEIGHTS.
+    postings of the query's terms, with FTS5's bm25() and the weights retrieval.bm25.WEIGHTS.
 
     `source` keeps chunks of documents whose source starts with it; `allowed` (chunk ids), when
     the caller has them already, stands for it.

@@ -8,7 +8,7 @@ derived index that remembers the version it was built at knows when it is stale.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, defer, mapped_column, relationship, sessionmaker
 
 from retrieval.errors import EmbeddingMismatchError, NotFoundError, StoreError
 
@@ -182,6 +182,16 @@ class Store:
         return coll
 
     # --- documents and chunks --------------------------------------------------------------
+
+    def documents(self, session: Session, coll: Collection, *, sources: Sequence[str] | None = None) -> list[Document]:
+        """The collection's documents, oldest (lowest id) first; with `sources`, only those whose
+        source is one of them. The one query that lists documents (document lists in the CLI, API
+        and UI; pruning; emptying a collection). Their texts stay in the database unless read: a
+        listing never needs them."""
+        query = select(Document).where(Document.collection_id == coll.id).options(defer(Document.text)).order_by(Document.id)
+        if sources is not None:
+            query = query.where(Document.source.in_(sources))
+        return list(session.scalars(query))
 
     def document_by_source(self, session: Session, coll: Collection, source: str) -> Document | None:
         return session.scalar(select(Document).where(Document.collection_id == coll.id, Document.source == source))

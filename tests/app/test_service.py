@@ -10,8 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from app.answers import ServiceError, Source
+from app.citations import CitationFilter, check_citations
 from app.generators import GeneratorError, condense_by_rule, split_sentences
-from app.service import AnswerService, CitationFilter, ServiceError, Source, check_citations, fit_prompt
+from app.prompting import fit_prompt
+from app.service import AnswerService
 from app.settings import Settings
 from ingest.pipeline import ingest_paths
 

@@ -347,7 +347,7 @@ def _stop_mid_answer() -> None:
     from streamlit.runtime.scriptrunner_utils.exceptions import StopException
 
     import app.ui as ui
-    from app.service import Event
+    from app.answers import Event
     from app.ui_access import UiScope
 
     def stream(question, **options):
