@@ -636,7 +636,7 @@ def keys_revoke(key: Annotated[str, typer.Argument(help="Key id or name (see: mo
 
 @model_app.command("info")
 def model_info(
-    path: Annotated[str, typer.Argument(help="Checkpoint directory (config.json + *.safetensors) or hub id.")],
+    path: Annotated[str, typer.Argument(help="Checkpoint directory (config.json + *.safetensors), .gguf file or hub id.")],
     as_json: JsonOpt = False,
 ) -> None:
     """Architecture, parameter counts, experts, layers, context, dtype and quantization of a checkpoint."""
@@ -652,6 +652,7 @@ def model_info(
         "hidden / vocab": f"{info.hidden_size} / {info.vocab_size}",
         "context": f"{info.context_length} tokens",
         "dtype": info.dtype,
+        "format": f"{info.weight_format}, {info.bits_per_weight:.2f} bits per weight",
         "quantization": "none",
         "on disk": f"{info.checkpoint_bytes / 2**30:.2f} GiB",
     }
@@ -671,7 +672,7 @@ def model_info(
 
 @model_app.command("quantize")
 def model_quantize(
-    src: Annotated[str, typer.Argument(help="Checkpoint directory or hub id to quantize.")],
+    src: Annotated[str, typer.Argument(help="Checkpoint directory, .gguf file or hub id to quantize.")],
     dst: Annotated[Path, typer.Argument(help="New directory for the quantized checkpoint.")],
     scheme: Annotated[str, typer.Option("--scheme", help="int4 (group-wise) or int8 (per channel).")] = "int4",
     group_size: Annotated[int, typer.Option("--group-size", help="int4 inputs per scale: 32, 64, 128 or 256.")] = 128,
@@ -690,7 +691,7 @@ def model_quantize(
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Argument(help="The question or instruction.")],
-    model: Annotated[str, typer.Option("--model", help="Checkpoint directory or hub id.")],
+    model: Annotated[str, typer.Option("--model", help="Checkpoint directory, .gguf file or hub id.")],
     quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 or int4, applied while loading.")] = None,
     think: Annotated[
         Optional[bool], typer.Option("--think/--no-think", help="Qwen3's thinking switch (default: the template's).")

@@ -41,7 +41,7 @@ class Settings:
     search_mode: str = "hybrid"  # one of retrieval.search.MODES: hybrid | dense | bm25
     # Answering (`moerag ask`, the UI, the API)
     generator: str = ""  # extractive | engine | openai; empty: engine if `model` is set, openai if a URL is, else extractive
-    model: str = ""  # the engine's checkpoint: a local directory or a Hugging Face hub id
+    model: str = ""  # the engine's checkpoint: a local directory, a .gguf file or a Hugging Face hub id
     quantize: str = ""  # "", int8 or int4: applied to the engine's model while it loads
     device: str = "cpu"  # the engine's torch device: cpu, cuda, cuda:1 ...
     openai_base_url: str = ""  # an OpenAI-compatible server (vLLM, SGLang, llama.cpp, Ollama), e.g. http://gpu1:8000/v1

@@ -92,13 +92,15 @@ def gemv_rates(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
     memory, per weight format, best of `repeats`: the ceiling decode can reach with that kernel
     (how much of the gap to the memory bandwidth is the kernel's, how much the rest of a token's)."""
     from engine import native
-    from kernels.formats import quantize_int4, quantize_int8
+    from kernels.formats import quantize_fp8, quantize_int4, quantize_int8
 
     if not native.available():
         return {}
     k = 4096
     rates = {}
-    for name, per_weight in (("fp32", 4.0), ("bf16", 2.0), ("int8", 1.0), ("int4 g128", 0.5 + 4 / 128)):
+    formats = (("fp32", 4.0), ("bf16", 2.0), ("int8", 1.0), ("int4 g128", 0.5 + 4 / 128), ("fp8 b128", 1 + 4 / 128))
+    for name, per_weight in formats:
+        group = None
         n = int(nbytes / per_weight / k) // 64 * 64
         w = torch.randn(n, k) * 0.02
         if name == "bf16":
@@ -107,15 +109,17 @@ def gemv_rates(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
             w, scale = quantize_int8(w)
         elif name == "int4 g128":
             w, scale = quantize_int4(w, 128)
+        elif name == "fp8 b128":  # scales per row and block of 128 inputs, as the loader stores them
+            (w, scale), group = quantize_fp8(w, 128), 128
         else:
             scale = None
         size = w.nbytes + (scale.nbytes if scale is not None else 0)
         x = torch.randn(1, k)
-        native.gemv(x, w, scale)  # warm: build the library, fault the pages in
+        native.gemv(x, w, scale, group=group)  # warm: build the library, fault the pages in
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            native.gemv(x, w, scale)
+            native.gemv(x, w, scale, group=group)
             best = min(best, time.perf_counter() - start)
         rates[name] = size / best
         del w, scale

@@ -3,8 +3,8 @@
 Shapes: T tokens, K experts per token, E experts, H hidden, I expert width.
 Weights are stacked: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I].
 A backend is a function (x [T,H], w13, w2, weights [T,K], ids [T,K], *, w13_scale=None,
-w2_scale=None) -> [T,H]; scales mark quantized weights (int8: int8 weights; int4: uint8
-weights, see qmatmul). The sum over the K slots is in fp32.
+w2_scale=None, group=None) -> [T,H]; scales mark quantized weights in a layout of
+kernels/formats.py (int8, int4, fp8), `group` is fp8's input block. The sum over the K slots is in fp32.
 """
 
 from __future__ import annotations
@@ -21,10 +21,15 @@ ExpertsFn = Callable[..., torch.Tensor]
 
 
 def _expert_mlp(
-    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, s13: torch.Tensor | None, s2: torch.Tensor | None
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    s13: torch.Tensor | None,
+    s2: torch.Tensor | None,
+    group: int | None,
 ) -> torch.Tensor:
-    gate, up = matmul(x, w13, s13).chunk(2, dim=-1)  # [n, I] each
-    return matmul(F.silu(gate) * up, w2, s2)  # [n, H]
+    gate, up = matmul(x, w13, s13, group).chunk(2, dim=-1)  # [n, I] each
+    return matmul(F.silu(gate) * up, w2, s2, group)  # [n, H]
 
 
 def reference(
@@ -36,18 +41,20 @@ def reference(
     *,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    group: int | None = None,
 ) -> torch.Tensor:
     """Plain torch, one expert at a time over every expert: the readable definition.
 
     With int8 experts, w13_scale [E, 2I] and w2_scale [E, H] are their per-channel scales; with
-    int4 experts (packed uint8 weights) they are group scales and zeros [E, N, G, 2] (see qmatmul).
+    int4 experts (packed uint8 weights) they are group scales and zeros [E, N, G, 2]; with fp8
+    ones, block scales [E, N, ceil(K/group)] (see kernels/formats.py).
     """
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)  # [T, H]
     for e in range(w13.shape[0]):
         tok, slot = torch.where(ids == e)  # [n], [n]
         if tok.numel() == 0:
             continue
-        y = _expert_mlp(x[tok], w13[e], w2[e], _row(w13_scale, e), _row(w2_scale, e))  # [n, H]
+        y = _expert_mlp(x[tok], w13[e], w2[e], _row(w13_scale, e), _row(w2_scale, e), group)  # [n, H]
         out.index_add_(0, tok, y.float() * weights[tok, slot, None].float())
     return out.to(x.dtype)
 
@@ -61,6 +68,7 @@ def cpu_sorted(
     *,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    group: int | None = None,
 ) -> torch.Tensor:
     """Sort the T*K slots by expert once, then run only the experts that received tokens.
 
@@ -70,7 +78,7 @@ def cpu_sorted(
     """
     t, k = ids.shape
     if x.device.type == "cpu" and t <= SMALL_M and native.supports(w13) and native.supports(w2) and native.available():
-        return native.moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale).to(x.dtype)
+        return native.moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale, group=group).to(x.dtype)
     flat = ids.reshape(-1)  # [T*K]
     order = torch.argsort(flat, stable=True)  # [T*K]
     counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()  # E ints
@@ -81,7 +89,9 @@ def cpu_sorted(
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        ys[begin : begin + n] = _expert_mlp(xs[begin : begin + n], w13[e], w2[e], _row(w13_scale, e), _row(w2_scale, e))
+        ys[begin : begin + n] = _expert_mlp(
+            xs[begin : begin + n], w13[e], w2[e], _row(w13_scale, e), _row(w2_scale, e), group
+        )
         begin += n
     ys *= weights.reshape(-1)[order, None].float()  # [T*K, H]
     out = torch.zeros((t, x.shape[1]), dtype=torch.float32, device=x.device)  # [T, H]
@@ -98,12 +108,15 @@ def triton_fused(
     *,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    group: int | None = None,
 ) -> torch.Tensor:
     """The Triton kernels (kernels/experts.py): float, int8 and int4 experts, read in the layouts of
     kernels/formats.py as the engine stores them; no host sync, so a decode step that uses it can
-    be captured in a CUDA graph."""
+    be captured in a CUDA graph. fp8 experts, which they do not read, take the sorted torch path."""
     from kernels import fused_moe
 
+    if group is not None:
+        return cpu_sorted(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale, group=group)
     return fused_moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale)
 
 

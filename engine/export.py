@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.errors import EngineError
+from engine.fp8 import FP8_MODULES
 from engine.loader import QUANTIZATION_KEY, QUANTIZATION_LAYOUT
 from engine.model import Model, load_model
 
@@ -33,6 +34,11 @@ def write_checkpoint(model: Model, dst: str | Path, *, shard_bytes: int = SHARD_
         raise EngineError(f"Refusing to overwrite the source checkpoint {dst}; choose another destination.")
     if (dst / "config.json").exists():
         raise EngineError(f"{dst} already holds a checkpoint (config.json); choose an empty directory.")
+    if any(isinstance(m, FP8_MODULES) for m in model.net.modules()):
+        raise EngineError(
+            f"{model.directory} is an FP8 checkpoint, loaded as it is stored: use it directly, or write an int8 / "
+            "int4 copy with: moerag model quantize SRC DST --scheme int4"
+        )
     dst.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt"}
     config = dict(model.config)
@@ -50,10 +56,14 @@ def write_checkpoint(model: Model, dst: str | Path, *, shard_bytes: int = SHARD_
         total = sum(t.nbytes for s in shards for t in s.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    for path in Path(model.directory).iterdir():
-        if path.is_file() and path.name != "config.json" and not path.name.startswith("model.safetensors"):
-            if path.suffix != ".safetensors":
-                shutil.copy2(path, dst / path.name)
+    if Path(model.directory).is_file():  # a GGUF: its tokenizer lives in its metadata
+        if model.tokenizer is not None:
+            model.tokenizer.save_pretrained(dst)
+    else:
+        for path in Path(model.directory).iterdir():
+            if path.is_file() and path.name != "config.json" and not path.name.startswith("model.safetensors"):
+                if path.suffix != ".safetensors":
+                    shutil.copy2(path, dst / path.name)
     (dst / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return dst
 
@@ -72,10 +82,9 @@ def quantize_checkpoint(
 
 
 def _checkpoint_dtype(src: str | Path) -> torch.dtype:
-    from engine.config import read_config
-    from engine.loader import resolve
+    from engine.loader import read_architecture
 
-    config = read_config(resolve(src))
+    config = read_architecture(src)[1]
     name = config.get("torch_dtype") or config.get("dtype") or "float32"
     value = getattr(torch, str(name), None)
     return value if isinstance(value, torch.dtype) and value.is_floating_point else torch.float32

@@ -2,7 +2,9 @@
 
 The architecture is built on the meta device (shapes only), so counts follow the engine's own
 modules. Active parameters per token = all parameters minus the routed experts a token skips
-(E - K of E in every MoE layer); embeddings and the head count as active.
+(E - K of E in every MoE layer); embeddings and the head count as active. Bits per weight are
+the checkpoint's bytes on disk over its parameters (as llama.cpp reports them): what a format
+costs on average, float embeddings and norms included.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 import torch
 
+from engine import gguf
+from engine.fp8 import checkpoint_fp8
 from engine.loader import _shards, read_architecture, stored_quantization
 from engine.moe import Experts
 
@@ -34,6 +38,18 @@ class CheckpointInfo:
     active_params: int
     quantization: dict[str, Any] | None
     checkpoint_bytes: int
+    weight_format: str  # e.g. "bfloat16", "int4 (group size 128)", "fp8 e4m3 (blocks of 128 x 128)"
+    bits_per_weight: float  # checkpoint bits over total_params
+
+
+def weight_format(config: dict[str, Any], directory: Path, quantization: dict[str, Any] | None, dtype: str) -> str:
+    """How the checkpoint stores its weights, in words."""
+    if quantization is not None:
+        return f"{quantization['scheme']} (group size {quantization['group_size']})"
+    fp8 = checkpoint_fp8(config, directory)
+    if fp8 is not None:
+        return f"fp8 e4m3 (blocks of {fp8.rows} x {fp8.inputs}, kept 8-bit)"
+    return dtype
 
 
 def describe(path_or_id: str | Path) -> CheckpointInfo:
@@ -45,6 +61,14 @@ def describe(path_or_id: str | Path) -> CheckpointInfo:
     experts = moe[0].gate_up_proj.shape[0] if moe else 0
     top_k = int(config.get("num_experts_per_tok") or 0)
     skipped = sum(m.gate_up_proj.numel() + m.down_proj.numel() for m in moe) * (experts - top_k) // max(experts, 1)
+    quantization = stored_quantization(config, directory)
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    checkpoint_bytes = sum(p.stat().st_size for p in _shards(directory))
+    fmt, bits = weight_format(config, directory, quantization, dtype), checkpoint_bytes * 8 / max(total, 1)
+    if gguf.is_gguf(directory):  # the file's own tensor types, and bits over its tensors alone
+        summary = gguf.summarize(directory)
+        types = ", ".join(f"{name} {count / max(total, 1):.0%}" for name, count in summary.tensor_types.items())
+        fmt, bits = f"gguf ({types})", summary.bits_per_weight
     return CheckpointInfo(
         directory=directory,
         model_type=model_type,
@@ -56,9 +80,11 @@ def describe(path_or_id: str | Path) -> CheckpointInfo:
         hidden_size=int(config["hidden_size"]),
         vocab_size=int(config["vocab_size"]),
         context_length=int(net.max_position_embeddings),
-        dtype=str(config.get("torch_dtype") or config.get("dtype") or "float32"),
+        dtype=dtype,
         total_params=total,
         active_params=total - skipped,
-        quantization=stored_quantization(config, directory),
-        checkpoint_bytes=sum(p.stat().st_size for p in _shards(directory)),
+        quantization=quantization,
+        checkpoint_bytes=checkpoint_bytes,
+        weight_format=fmt,
+        bits_per_weight=bits,
     )

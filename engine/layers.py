@@ -14,6 +14,25 @@ from engine.qmatmul import linear as qlinear
 from engine.rope import rotate
 
 
+class StoredWeights(nn.Module):
+    """A module whose buffers (quantized weights and their scales) keep their stored dtypes.
+
+    `model.to(torch.bfloat16)` converts every floating-point tensor, fp8 weights and fp32 scales
+    included, which would silently change what the kernels read. Here a dtype change leaves each
+    buffer's data as stored (moved to the new device when there is one); parameters, such as a
+    bias, follow the model.
+    """
+
+    def _apply(self, fn, recurse=True):  # torch's signature, untyped there too
+        stored = {name: b for name, b in self._buffers.items() if b is not None}
+        super()._apply(fn, recurse)
+        for name, before in stored.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(device=after.device)
+        return self
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back before the weight, as transformers does."""
 

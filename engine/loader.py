@@ -5,7 +5,9 @@ gets empty storage in the target dtype, its checkpoint tensors (from whichever s
 them), then the caller's `transform` (e.g. quantization), before the next layer is touched.
 Peak memory is the transformed model plus one float layer. A checkpoint written by
 `write_checkpoint` records its quantization; its modules are quantized on the meta device
-first, so its stored integer tensors load as they are. Every checkpoint
+first, so its stored integer tensors load as they are. An FP8 checkpoint (engine/fp8.py) is
+loaded the same way: the modules whose weights have a weight_scale_inv become FP8 on the meta
+device, and a `transform` that quantizes re-quantizes them one at a time. Every checkpoint
 tensor must land in exactly one place, and every place must be filled once. Per-expert
 tensors (`experts.N.gate_proj`, Mixtral's `w1/w3/w2`) and already-stacked ones
 (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`) both fill the stacked experts.
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine import gguf
 from engine.config import read_config
 from engine.errors import (
     CheckpointError,
@@ -35,14 +38,16 @@ from engine.errors import (
     UnexpectedTensorError,
     UnsupportedArchitectureError,
 )
+from engine.fp8 import SCALE_SUFFIX, Fp8Blocks, checkpoint_fp8, make_fp8
 from engine.models import ARCHITECTURES, Architecture
 from engine.quantization import check_scheme, quantize_modules
 from engine.tensorfile import TensorFile
+from kernels.formats import fp8_row_scales
 
 log = logging.getLogger(__name__)
 
 _PER_EXPERT = re.compile(
-    r"(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight"
+    r"(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.(?P<kind>weight|weight_scale_inv)"
 )
 _PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "all", "w2": "all"}
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -117,6 +122,8 @@ def resolve(path_or_id: str | Path) -> Path:
 
 
 def _shards(directory: Path) -> list[Path]:
+    if gguf.is_gguf(directory):
+        return gguf.split_files(directory)
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -170,10 +177,12 @@ def _materialize(
                 table[name] = done[id(tensor)]
 
 
-def _expected_slots(name: str, param: torch.Tensor) -> set[Slot]:
-    if name.endswith("experts.gate_up_proj"):
+def _expected_slots(name: str, param: torch.Tensor, fp8: bool) -> set[Slot]:
+    """The slots of a parameter the checkpoint fills: per expert for stacked experts (and their FP8
+    scales, which come per expert too), else one."""
+    if name.endswith("experts.gate_up_proj") or (fp8 and name.endswith("experts.gate_up_scale")):
         return {(e, part) for e in range(param.shape[0]) for part in ("gate", "up")}
-    if name.endswith("experts.down_proj"):
+    if name.endswith(("experts.down_proj", "experts.down_scale") if fp8 else "experts.down_proj"):
         return {(e, "all") for e in range(param.shape[0])}
     return {(-1, "all")}
 
@@ -183,9 +192,17 @@ def _slot_name(param_name: str, slot: Slot) -> str:
     expert, part = slot
     if expert < 0:
         return param_name
-    prefix = param_name.rsplit(".", 1)[0]
+    prefix, attr = param_name.rsplit(".", 1)
     proj = {"gate": "gate_proj", "up": "up_proj", "all": "down_proj"}[part]
-    return f"{prefix}.{expert}.{proj}.weight"
+    return f"{prefix}.{expert}.{proj}.{'weight_scale_inv' if attr.endswith('_scale') else 'weight'}"
+
+
+def _rename(renames: list[tuple[re.Pattern, str]], ckpt_name: str) -> str:
+    """A checkpoint name as the engine's modules name it (an architecture's `renames`)."""
+    name = ckpt_name
+    for pattern, repl in renames:
+        name = pattern.sub(repl, name)
+    return name
 
 
 def _listing(names: list[str], limit: int = 8) -> str:
@@ -196,12 +213,13 @@ def _listing(names: list[str], limit: int = 8) -> str:
 class _Filler:
     """Places checkpoint tensors into the module's parameters and checks exactly-once use."""
 
-    def __init__(self, net: nn.Module, arch: Architecture, args: Any, tied: bool) -> None:
+    def __init__(self, net: nn.Module, arch: Architecture, args: Any, tied: bool, fp8: Fp8Blocks | None) -> None:
         # Shapes only (the net may still be on meta); `place` looks the live tensor up by name,
         # so no reference to a layer's float weights outlives the layer's transform.
         self.net = net
+        self.fp8 = fp8  # the checkpoint's FP8 blocks: its weight_scale_inv tensors fill the modules' scales
         self.params = dict([*net.named_parameters(), *net.named_buffers()])  # meta tensors
-        self.expected = {n: _expected_slots(n, p) for n, p in self.params.items()}
+        self.expected = {n: _expected_slots(n, p, fp8 is not None) for n, p in self.params.items()}
         self.filled: dict[str, set[Slot]] = {n: set() for n in self.params}
         self.renames = [(re.compile(p), r) for p, r in arch.renames]
         # A tied head has no tensor of its own, unless quantization gave it one.
@@ -212,10 +230,7 @@ class _Filler:
         self.ignored = 0
 
     def rename(self, ckpt_name: str) -> str:
-        name = ckpt_name
-        for pattern, repl in self.renames:
-            name = pattern.sub(repl, name)
-        return name
+        return _rename(self.renames, ckpt_name)
 
     def _live(self, name: str) -> torch.Tensor:
         module_name, _, attr = name.rpartition(".")
@@ -226,10 +241,12 @@ class _Filler:
         if any(p.fullmatch(name) for p in self.ignore):
             self.ignored += 1
             return
+        scales = self.fp8 is not None and name.endswith(SCALE_SUFFIX)
         match = _PER_EXPERT.fullmatch(name)
-        if match:
+        if match and (scales or match["kind"] == "weight"):
             part = _PART[match["proj"]]
-            param_name = match["prefix"] + (".down_proj" if part == "all" else ".gate_up_proj")
+            kind = "scale" if scales else "proj"
+            param_name = match["prefix"] + (".down_" if part == "all" else ".gate_up_") + kind
             expert = int(match["expert"])
             if param_name not in self.params or expert >= self.params[param_name].shape[0]:
                 self.unexpected.append(ckpt_name)
@@ -239,7 +256,10 @@ class _Filler:
             if part != "all":
                 width = dst.shape[0] // 2
                 dst = dst[:width] if part == "gate" else dst[width:]
-        elif name in self.params:
+        elif scales and name.removesuffix(SCALE_SUFFIX) + ".scale" in self.params:  # an Fp8Linear's
+            param_name = name.removesuffix(SCALE_SUFFIX) + ".scale"
+            dst, slots = self._live(param_name), self.expected[param_name]
+        elif name in self.params and not scales:
             param_name, dst = name, self._live(name)
             slots = self.expected[name]
         else:
@@ -250,19 +270,28 @@ class _Filler:
                 f"The checkpoint provides {ckpt_name} more than once (or also in stacked form)."
             )
         shape = source.shape(ckpt_name)
-        if shape != tuple(dst.shape):
+        # FP8 scales come per block of rows, [ceil(N/Bo), G], and are stored per row, [N, G].
+        want = (-(-dst.shape[0] // self.fp8.rows), dst.shape[1]) if scales else tuple(dst.shape)
+        if shape != want:
             raise TensorShapeError(
                 f"Checkpoint tensor {ckpt_name} has shape {shape}, but config.json implies "
-                f"{tuple(dst.shape)}. The config.json does not belong to these weights."
+                f"{want}. The config.json does not belong to these weights."
             )
-        source.read_into(ckpt_name, dst)
+        if scales:
+            dst.copy_(fp8_row_scales(source.get(ckpt_name), dst.shape[0], self.fp8.rows))
+        else:
+            source.read_into(ckpt_name, dst)
         self.filled[param_name] |= slots
 
     def check(self, directory: Path) -> None:
         if self.unexpected:
             hint = ""
             if any(n.endswith(("weight_scale_inv", "weight_scale")) for n in self.unexpected):
-                hint = " These look like FP8/quantized scales: convert the checkpoint to bf16 first."
+                hint = (
+                    " Some look like quantization scales of weights the engine keeps float, or of a "
+                    "checkpoint whose config.json has no quantization_config; FP8 checkpoints need "
+                    "quantization_config {'quant_method': 'fp8', 'fmt': 'e4m3', 'weight_block_size': [Bo, B]}."
+                )
             raise UnexpectedTensorError(
                 f"{len(self.unexpected)} checkpoint tensor(s) in {directory} have no place in the model: "
                 f"{_listing(sorted(self.unexpected))}. The checkpoint does not match its config.json "
@@ -300,6 +329,8 @@ def stored_quantization(config: dict[str, Any], directory: Path) -> dict[str, An
 
 def read_architecture(path_or_id: str | Path):
     """(directory, config, model_type, architecture, args) of a checkpoint, or a clear error."""
+    if gguf.is_gguf(path_or_id):  # a .gguf file (first split): the config comes from its metadata
+        return gguf.read_architecture(path_or_id)
     directory = resolve(path_or_id)
     config = read_config(directory)
     model_type = config.get("model_type")
@@ -366,25 +397,32 @@ def _load(
     directory, config, model_type, arch, args = read_architecture(path_or_id)
     dtype = resolve_dtype(dtype, config, directory)
     quantization = stored_quantization(config, directory)
+    fp8 = None if quantization is not None else checkpoint_fp8(config, directory)  # moerag's own tensors win
     shards = _shards(directory)
     device = torch.device(device)
     with torch.device("meta"):
         net = arch.build(args)
-    if quantization is not None:
+    if quantization is not None or fp8 is not None:
         # dtypes first (scales take the model dtype), then the quantized modules, all shapes only.
         _materialize(net, dtype, torch.device("meta"), arch.keep_fp32)
+    if quantization is not None:
         quantize_modules(
             net, quantization["scheme"], targets=quantization["targets"], group_size=quantization["group_size"]
         )
-    filler = _Filler(net, arch, args, tied=bool(config.get("tie_word_embeddings", False)))
     files: list[TensorFile] = []
     try:
-        groups: dict[int | None, list[tuple[TensorFile, str]]] = {}  # decoder layer -> its tensors
         for shard in shards:
-            files.append(TensorFile(shard))
-            for name in files[-1].names:
+            files.append(gguf.GGUFTensors(shard, config) if gguf.is_gguf(shard) else TensorFile(shard))
+        if fp8 is not None:
+            renames = [(re.compile(p), r) for p, r in arch.renames]
+            scaled = [_rename(renames, n) for f in files for n in f.names if n.endswith(SCALE_SUFFIX)]
+            log.info("%d modules stay fp8 (blocks %d x %d)", make_fp8(net, scaled, fp8.inputs), fp8.rows, fp8.inputs)
+        filler = _Filler(net, arch, args, tied=bool(config.get("tie_word_embeddings", False)), fp8=fp8)
+        groups: dict[int | None, list[tuple[TensorFile, str]]] = {}  # decoder layer -> its tensors
+        for f in files:
+            for name in f.names:
                 match = _LAYER.match(filler.rename(name))
-                groups.setdefault(int(match[1]) if match else None, []).append((files[-1], name))
+                groups.setdefault(int(match[1]) if match else None, []).append((f, name))
         layers = net.model.layers
         _materialize(net, dtype, device, arch.keep_fp32, skip="model.layers.")
         for f, name in groups.pop(None, []):

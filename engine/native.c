@@ -1,4 +1,4 @@
-/* moerag's CPU kernels for decode: small-M products with float, int8 and int4 weights, and the
+/* moerag's CPU kernels for decode: small-M products with float, int8, int4 and fp8 weights, and the
  * whole mixture-of-experts step of a few tokens in one call.
  *
  * Why C: at decode every weight is read once per token, so the step is bound by memory
@@ -22,6 +22,8 @@
  *   int4  uint8[N][K/2], scale bf16[N][K/G][2] = (s, z)   w = (q - 8) * s + z
  *         Packed in chunks of 32 weights (16 bytes): byte j holds weight j in its low nibble
  *         and weight 16 + j in its high nibble. G (the group) is a multiple of 32.
+ *   fp8   uint8[N][K] (float8_e4m3fn bit patterns), scale float[N][ceil(K/B)]   w = q * scale[n][k / B]
+ *         B (passed as the group) is any block size; a row's last block may be partial.
  * Activations are fp32; each format may prepare them for its kernels (the SIMD build rounds
  * them for the integer ones, see native_simd.c). The sum over the TOPK slots is fp32.
  */
@@ -85,7 +87,7 @@ typedef struct {
 struct Format {
     const char *name;           /* Format.name in kernels/formats.py */
     int bits;                   /* stored bits per weight */
-    int scale_row, scale_group; /* bytes of scales per row: scale_row + scale_group * K / G */
+    int scale_row, scale_group; /* bytes of scales per row: scale_row + scale_group * ceil(K / G) */
     void (*dequantize)(const Weights *m, int64_t row, float *out);      /* row -> fp32 [K] */
     size_t (*act_bytes)(int64_t k, int64_t group);                      /* a prepared row's scratch */
     void (*prepare)(Act *a, const float *x, int64_t k, int64_t group); /* a's forms of x [K] */
@@ -123,6 +125,12 @@ static const Format FORMATS[MOERAG_FORMATS] = {
         .prepare = PICK(int4_prepare_avx2, int4_prepare_generic),
         .dot = PICK(int4_dot_avx2, int4_dot_generic),
         .together = PICK(int4_together_avx2, NULL), .rows = PICK(int4_rows_avx2, NULL),
+    },
+    [MOERAG_FP8] = {
+        .name = "fp8", .bits = 8, .scale_group = 4,
+        .dequantize = fp8_dequantize_generic,
+        .dot = PICK(fp8_dot_avx2, fp8_dot_generic),
+        .together = PICK(fp8_together_avx2, NULL), .rows = PICK(fp8_rows_avx2, NULL),
     },
 };
 
@@ -194,7 +202,7 @@ static Weights as_weights(const Format *f, int64_t k, int64_t group, const void 
 static inline size_t weight_bytes(const Format *f, int64_t n, int64_t k) { return (size_t)(n * k) * f->bits / 8; }
 
 static inline size_t scale_bytes(const Format *f, int64_t n, int64_t k, int64_t group) {
-    return (size_t)n * (size_t)(f->scale_row + f->scale_group * (k / group));
+    return (size_t)n * (size_t)(f->scale_row + f->scale_group * ((k + group - 1) / group));
 }
 
 /* out[r * gap] = row (row + r * gap) of m . a for r < n <= ROWS: the rows together when

@@ -2,7 +2,9 @@
 
 Shapes: M rows of activations, N outputs, K inputs; T tokens, K_ experts per token, H hidden,
 I expert width. Weights: fp32 / bf16 [N, K]; int8 [N, K] with fp32 scales [N]; int4 packed
-[N, K/2] uint8 with bf16 (scale, zero) [N, K/G, 2] (kernels/formats.py). Everything else is torch.
+[N, K/2] uint8 with bf16 (scale, zero) [N, K/G, 2]; fp8 [N, K] with fp32 scales [N, ceil(K/B)]
+(kernels/formats.py). fp8's input block B is not in its shapes: every function that takes a
+weight takes it as `group`. Everything else is torch.
 
 The library is cached under ~/.cache/moerag/native, keyed by the sources, the compiler and the
 CPU's flags (it is built with -march=native). Without a compiler, or with MOERAG_NATIVE=0, the
@@ -222,10 +224,11 @@ def supports(w: torch.Tensor) -> bool:
     return format_of(w) is not None and w.device.type == "cpu" and w.is_contiguous()
 
 
-def layout(w: torch.Tensor, scale: torch.Tensor | None) -> tuple[int, int, int]:
-    """(format code, K inputs, int4 group) of a weight [.., N, K or K/2] (kernels/formats.py)."""
+def layout(w: torch.Tensor, scale: torch.Tensor | None, group: int | None = None) -> tuple[int, int, int]:
+    """(format code, K inputs, int4 group or fp8 block) of a weight [.., N, K or K/2] (kernels/formats.py);
+    `group` is fp8's block, which its shapes do not hold."""
     fmt = format_of(w)
-    return fmt.code, fmt.inputs(w), fmt.group(w, scale)
+    return fmt.code, fmt.inputs(w), fmt.group(w, scale) if group is None else group
 
 
 def address(t: torch.Tensor | None) -> int | None:
@@ -234,11 +237,16 @@ def address(t: torch.Tensor | None) -> int | None:
 
 
 def gemv(
-    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, *, lib: ctypes.CDLL | None = None
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    *,
+    group: int | None = None,
+    lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """x [M, K] fp32 @ W^T -> [M, N] fp32, for small M (decode): each weight row is read once."""
     lib = lib or library()
-    fmt, k, group = layout(w, scale)
+    fmt, k, group = layout(w, scale, group)
     x = x.contiguous()
     y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)  # [M, N]
     status = lib.moerag_gemv(
@@ -257,11 +265,12 @@ def moe(
     *,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    group: int | None = None,
     lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [T, H] fp32, in one call (decode)."""
     lib = lib or library()
-    fmt, hidden, group = layout(w13, w13_scale)
+    fmt, hidden, group = layout(w13, w13_scale, group)
     inter = w13.shape[1] // 2
     x, ids = x.float().contiguous(), ids.to(torch.int64).contiguous()
     weights = weights.float().contiguous()
@@ -274,10 +283,12 @@ def moe(
     return out
 
 
-def dequantize(w: torch.Tensor, scale: torch.Tensor | None = None, *, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+def dequantize(
+    w: torch.Tensor, scale: torch.Tensor | None = None, *, group: int | None = None, lib: ctypes.CDLL | None = None
+) -> torch.Tensor:
     """W as fp32 [N, K], for products with many rows (prefill), which torch's GEMM then runs."""
     lib = lib or library()
-    fmt, k, group = layout(w, scale)
+    fmt, k, group = layout(w, scale, group)
     out = torch.empty((w.shape[0], k), dtype=torch.float32)
     lib.moerag_dequantize(fmt, w.shape[0], k, group, w.data_ptr(), address(scale), out.data_ptr())
     return out
@@ -292,13 +303,12 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, lib: ctypes.CD
     return out
 
 
-def projections(
-    layers: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]],
-) -> tuple[ctypes.Array, list]:
-    """(weight, scale, bias) per projection -> (a Proj array, the tensors it points into, to keep alive)."""
+def projections(layers: list[tuple]) -> tuple[ctypes.Array, list]:
+    """(weight, scale, bias) or (weight, scale, bias, fp8 block) per projection -> (a Proj array, the
+    tensors it points into, to keep alive)."""
     keep, array = [], (Proj * len(layers))()
-    for slot, (w, scale, bias) in zip(array, layers, strict=True):
-        fmt, k, group = layout(w, scale)
+    for slot, (w, scale, bias, *group) in zip(array, layers, strict=True):
+        fmt, k, group = layout(w, scale, *group)
         bias32 = None if bias is None else bias.float().contiguous()
         keep += [w, scale, bias32]
         slot.fmt, slot.n, slot.k, slot.group = fmt, w.shape[0], k, group

@@ -14,6 +14,19 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
+/* An e4m3fn byte as fp32, exactly: its 7 magnitude bits moved into fp32's exponent and mantissa
+ * fields read 2^(e-127) (1 + m/8) (0.m 2^-126 for e = 0, the subnormals), and 2^120 moves the
+ * exponent bias from 127 to e4m3's 7. The NaN pattern (0x7f) reads 480: checkpoints hold none. */
+static inline float fp8_to_f32(uint8_t b) {
+    uint32_t u = (uint32_t)(b & 0x7f) << 20;
+    float f;
+    memcpy(&f, &u, 4);
+    f *= 0x1p120f;
+    return b & 0x80 ? -f : f;
+}
+
+static inline int64_t fp8_blocks(int64_t k, int64_t block) { return (k + block - 1) / block; }
+
 /* sum of x[i]^2 over n values */
 TWIN float sum_squares_generic(const float *x, int64_t n) {
     float total = 0.f;
@@ -109,6 +122,20 @@ TWIN float int4_dot_generic(const Weights *m, int64_t row, const Act *a) {
     return total + offset;
 }
 
+/* fp8: each block's products summed, then scaled once: sum_b s_b sum_{i in b} q_i x_i. */
+TWIN float fp8_dot_generic(const Weights *m, int64_t row, const Act *a) {
+    int64_t k = m->k, block = m->group, blocks = fp8_blocks(k, block);
+    const uint8_t *q = (const uint8_t *)m->w + row * k;
+    const float *s = (const float *)m->scale + row * blocks;
+    float total = 0.f;
+    for (int64_t b = 0; b < blocks; b++) {
+        float part = 0.f;
+        for (int64_t i = b * block; i < k && i < (b + 1) * block; i++) part += fp8_to_f32(q[i]) * a->f[i];
+        total += part * s[b];
+    }
+    return total;
+}
+
 /* Row `row` of each format as fp32, out [K]. */
 
 static void fp32_dequantize_generic(const Weights *m, int64_t row, float *out) {
@@ -138,4 +165,11 @@ static void int4_dequantize_generic(const Weights *m, int64_t row, float *out) {
             out[32 * c + 16 + j] = (float)(q[16 * c + j] >> 4) * s + base;
         }
     }
+}
+
+static void fp8_dequantize_generic(const Weights *m, int64_t row, float *out) {
+    int64_t k = m->k, block = m->group;
+    const uint8_t *q = (const uint8_t *)m->w + row * k;
+    const float *s = (const float *)m->scale + row * fp8_blocks(k, block);
+    for (int64_t i = 0; i < k; i++) out[i] = fp8_to_f32(q[i]) * s[i / block];
 }

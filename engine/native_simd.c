@@ -268,6 +268,34 @@ static float int4_dot_avx2(const Weights *m, int64_t row, const Act *a) {
     return total;
 }
 
+/* 8 e4m3fn bytes as fp32 / 2^120 (fp8_to_f32 without its last multiply): sign-extended to 32 bits
+ * and shifted left by 20, a byte's sign lands in bit 31 and its magnitude in the exponent and
+ * mantissa fields; the mask clears the sign's copies in bits 27..30. Three instructions for 8
+ * weights; the 2^120 goes into the block's scale. */
+static inline __m256 fp8x8(const uint8_t *q) {
+    __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)q));
+    return _mm256_castsi256_ps(_mm256_and_si256(_mm256_slli_epi32(v, 20), _mm256_set1_epi32((int)0x87F00000u)));
+}
+
+/* fp8 weights meet the fp32 activations as they are (no preparation); any K and block. */
+static float fp8_dot_avx2(const Weights *m, int64_t row, const Act *a) {
+    int64_t k = m->k, block = m->group, blocks = fp8_blocks(k, block);
+    const uint8_t *q = (const uint8_t *)m->w + row * k;
+    const float *s = (const float *)m->scale + row * blocks;
+    __m256 acc = _mm256_setzero_ps();
+    float tail = 0.f;
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t i = b * block, end = i + block < k ? i + block : k;
+        __m256 part = _mm256_setzero_ps();
+        for (; i + 8 <= end; i += 8) part = _mm256_fmadd_ps(fp8x8(q + i), _mm256_loadu_ps(a->f + i), part);
+        float rest = 0.f;
+        for (; i < end; i++) rest += fp8_to_f32(q[i]) * a->f[i];
+        acc = _mm256_fmadd_ps(part, _mm256_set1_ps(s[b] * 0x1p120f), acc);
+        tail += rest * s[b];
+    }
+    return hsum8(acc) + tail;
+}
+
 /* R <= ROWS rows at once, each kernel a compile-time R (the *_rows_avx2 functions switch on the
  * count): each activation load serves all R rows, whose accumulator chains are independent. */
 
@@ -381,12 +409,37 @@ static inline __attribute__((always_inline)) void int4_rows(const uint8_t *q, in
     for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]);
 }
 
+/* fp8 rows rb bytes and sb scales apart, k and the block multiples of 8: per block, two chains a
+ * row, scaled once at the block's end (with fp8x8's 2^120). */
+static inline __attribute__((always_inline)) void fp8_rows(const uint8_t *q, int64_t rb, const float *s, int64_t sb,
+                                                           const float *x, int64_t k, int64_t block, float *out,
+                                                           const int R) {
+    __m256 acc[ROWS], part[ROWS][2];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0, i = 0; i < k; b++) {
+        int64_t end = i + block < k ? i + block : k;
+        for (int r = 0; r < R; r++) part[r][0] = part[r][1] = _mm256_setzero_ps();
+        for (; i < end; i += 8) {
+            __m256 xi = _mm256_loadu_ps(x + i);
+            for (int r = 0; r < R; r++) {
+                const uint8_t *wr = q + r * rb + i;
+                if (!(i & 63)) _mm_prefetch((const char *)wr + AHEAD, _MM_HINT_T0);
+                part[r][(i >> 3) & 1] = _mm256_fmadd_ps(fp8x8(wr), xi, part[r][(i >> 3) & 1]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_add_ps(part[r][0], part[r][1]), _mm256_set1_ps(s[r * sb + b] * 0x1p120f), acc[r]);
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum8(acc[r]);
+}
+
 /* Whether a weight's rows go ROWS at a time: K a whole number of the kernel's steps (8 fp32,
- * 16 bf16, 32 int8 weights); int4 groups of 64 and more. */
+ * 16 bf16, 32 int8 weights); int4 groups of 64 and more; fp8 K and block multiples of 8. */
 static int fp32_together_avx2(const Weights *m) { return m->k % 8 == 0; }
 static int bf16_together_avx2(const Weights *m) { return m->k % 16 == 0; }
 static int int8_together_avx2(const Weights *m) { return m->k % 32 == 0; }
 static int int4_together_avx2(const Weights *m) { return m->group >= 64; }
+static int fp8_together_avx2(const Weights *m) { return m->k % 8 == 0 && m->group % 8 == 0; }
 
 /* out[r * gap] = row (row + r * gap) of m . a for r < n <= ROWS, the rows together. */
 
@@ -436,6 +489,20 @@ static void int4_rows_avx2(const Weights *m, int64_t row, int64_t gap, int64_t n
         case 3: int4_rows(q, gap * rb, sz, gap * sb, m->k, m->group, a, v, 3); break;
         case 2: int4_rows(q, gap * rb, sz, gap * sb, m->k, m->group, a, v, 2); break;
         default: int4_rows(q, gap * rb, sz, gap * sb, m->k, m->group, a, v, 1);
+    }
+    for (int64_t r = 0; r < n; r++) out[r * gap] = v[r];
+}
+
+static void fp8_rows_avx2(const Weights *m, int64_t row, int64_t gap, int64_t n, const Act *a, float *out) {
+    int64_t sb = fp8_blocks(m->k, m->group); /* one row's scales */
+    const uint8_t *q = (const uint8_t *)m->w + row * m->k;
+    const float *s = (const float *)m->scale + row * sb;
+    float v[ROWS];
+    switch (n) {
+        case 4: fp8_rows(q, gap * m->k, s, gap * sb, a->f, m->k, m->group, v, 4); break;
+        case 3: fp8_rows(q, gap * m->k, s, gap * sb, a->f, m->k, m->group, v, 3); break;
+        case 2: fp8_rows(q, gap * m->k, s, gap * sb, a->f, m->k, m->group, v, 2); break;
+        default: fp8_rows(q, gap * m->k, s, gap * sb, a->f, m->k, m->group, v, 1);
     }
     for (int64_t r = 0; r < n; r++) out[r * gap] = v[r];
 }

@@ -16,27 +16,36 @@ from kernels.formats import dequantize as dequantize_reference
 SMALL_M = 16  # rows of activations up to which the native kernels beat dequantize + GEMM
 
 
-def dequantize(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """A weight [N, K..] -> fp32 [N, K]: the native kernel on CPU, else plain torch."""
+def dequantize(w: torch.Tensor, scale: torch.Tensor | None, group: int | None = None) -> torch.Tensor:
+    """A weight [N, K..] -> fp32 [N, K]: the native kernel on CPU, else plain torch. `group`: fp8's block."""
     if w.dim() == 2 and native.supports(w) and native.available():
-        return native.dequantize(w, scale)
-    return dequantize_reference(w, scale)
+        return native.dequantize(w, scale, group=group)
+    return dequantize_reference(w, scale, group)
 
 
-def matmul(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T -> [M, N] in x's dtype, for any layout above (float weights: scale None)."""
+def matmul(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None = None, group: int | None = None
+) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, N] in x's dtype, for any layout above (float weights: scale None;
+    fp8: `group` is its input block)."""
     if x.device.type != "cpu":
-        return x @ (w if scale is None else dequantize(w, scale).to(x.dtype)).T
+        return x @ (w if scale is None else dequantize(w, scale, group).to(x.dtype)).T
     if x.shape[0] <= SMALL_M and native.supports(w) and native.available():
-        return native.gemv(x.float(), w, scale).to(x.dtype)  # [M, N]
+        return native.gemv(x.float(), w, scale, group=group).to(x.dtype)  # [M, N]
     if scale is None and w.dtype == x.dtype == torch.float32:
         return x @ w.T
-    return (x.float() @ dequantize(w, scale).T).to(x.dtype)  # [M, N]
+    return (x.float() @ dequantize(w, scale, group).T).to(x.dtype)  # [M, N]
 
 
-def linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    group: int | None = None,
+) -> torch.Tensor:
     """x [..., K] @ W^T (+ bias) -> [..., N]: the forward of every Linear, float or quantized."""
-    y = matmul(x.reshape(-1, x.shape[-1]), w, scale)  # [M, N]
+    y = matmul(x.reshape(-1, x.shape[-1]), w, scale, group)  # [M, N]
     if bias is not None:
         y = y + bias
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -18,6 +18,8 @@ from torch import nn
 from engine.decoder import CausalLM
 from engine.errors import EngineError
 from engine.experts import EXPERT_BACKENDS
+from engine.fp8 import FP8_MODULES, Fp8Experts
+from engine.layers import StoredWeights
 from engine.moe import Experts
 from engine.qmatmul import linear as qlinear
 from kernels.formats import INT4_GROUPS, quantize_int4, quantize_int8
@@ -28,7 +30,7 @@ SCHEMES = ("int8", "int4")
 TARGETS = ("experts", "attention", "mlp", "head")
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(StoredWeights):
     """A Linear whose weight is int8 or int4 (`weight`, `scale` as in kernels/formats.py); same call."""
 
     def __init__(self, linear: nn.Linear, scheme: str, group: int) -> None:
@@ -43,7 +45,7 @@ class QuantizedLinear(nn.Module):
         return qlinear(x, self.weight, self.scale, self.bias)
 
 
-class QuantizedExperts(nn.Module):
+class QuantizedExperts(StoredWeights):
     """Stacked int8 or int4 experts with their scales; same call as `Experts`."""
 
     def __init__(self, experts: Experts, scheme: str, group: int) -> None:
@@ -100,7 +102,9 @@ def quantize_modules(
     """Swap the float modules under `net` (a whole model or one decoder layer); returns the count.
 
     Already-quantized modules are left alone, so the loader can call this per layer and then once
-    more on the whole model (for the head). Works on the meta device too (shapes only). A whole
+    more on the whole model (for the head). FP8 modules (engine.fp8) are dequantized one at a time
+    and quantized again; one the scheme cannot take (int4's group) becomes float in the model
+    dtype, as a float one would stay. Works on the meta device too (shapes only). A whole
     CausalLM forgets what it built from its old weights; after quantizing a part of a model that
     has already run, call the model's `weights_changed()`.
     """
@@ -108,8 +112,9 @@ def quantize_modules(
     for parent_name, parent in net.named_modules():
         for child_name, child in parent.named_children():
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            if (isinstance(child, Experts) and "experts" in targets) or (
-                isinstance(child, nn.Linear) and _target(full) in targets
+            experts = isinstance(child, (Experts, Fp8Experts))
+            if (experts and "experts" in targets) or (
+                isinstance(child, (nn.Linear, *FP8_MODULES)) and not experts and _target(full) in targets
             ):
                 chosen.append((full, parent, child_name, child))
     swaps = 0
@@ -130,6 +135,9 @@ def quantize_modules(
 
 
 def _quantized(module: nn.Module, scheme: str, group: int) -> nn.Module | None:
+    if isinstance(module, FP8_MODULES):
+        module = module.to_float()  # [N, K] in the model dtype, this module only
+        return _quantized(module, scheme, group) or module
     experts = isinstance(module, Experts)
     if scheme == "int4":
         widths = [module.gate_up_proj.shape[-1], module.down_proj.shape[-1]] if experts else [module.in_features]

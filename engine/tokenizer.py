@@ -20,7 +20,12 @@ Message = dict[str, Any]
 
 
 def load_tokenizer(directory: Path) -> Any | None:
-    """The checkpoint's transformers tokenizer, or None when the directory ships none."""
+    """The checkpoint's transformers tokenizer, or None when the directory ships none (a GGUF
+    file: the one its metadata describes)."""
+    from engine import gguf
+
+    if gguf.is_gguf(directory):
+        return gguf.load_tokenizer(directory)
     if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
         return None
     try:

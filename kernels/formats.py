@@ -15,7 +15,15 @@ are carried through unchanged.
   int4  packed [.., N, K/2] uint8 in chunks of 32 inputs: byte j of a chunk holds input j in
         its low nibble and input 16 + j in its high one; scale_zero [.., N, G, 2] bf16;
         w = (q - 8) * scale + zero (asymmetric, per group of `group` inputs, a multiple of 32).
+  fp8   q [.., N, K] float8_e4m3fn, scale [.., N, ceil(K/B)] fp32; w = q * scale[n, k // B], B the
+        block of inputs (any size; the last block of a row may be partial).
 The int4 chunk order lets a kernel unpack 32 inputs with one mask and one shift of 16 bytes.
+
+FP8 checkpoints (DeepSeek-V3's layout) scale blocks of [Bo, B] weights: weight_scale_inv
+[ceil(N/Bo), ceil(K/B)]. The loader repeats each scale row over its Bo output rows (`fp8_row_scales`),
+which costs 4/B bytes a weight (1/32 bit at B = 128) and lets every kernel read one row with its
+own scales. B cannot be recovered from the shapes when K is not a multiple of it (K = 100 has two
+blocks for any B in 50..99), so the module carries it and passes it to every kernel as `group`.
 """
 
 from __future__ import annotations
@@ -45,7 +53,10 @@ class Format:
         return w.shape[-1] * self.per_element
 
     def group(self, w: torch.Tensor, scale: torch.Tensor | None) -> int:
-        """Inputs per scale group (int4); formats without groups report CHUNK."""
+        """Inputs per scale group (int4); formats without groups report CHUNK. fp8's block is not in
+        its shapes (see above): its callers pass it."""
+        if self is FP8:
+            raise ValueError("fp8 weights need their input block passed explicitly (the module's `block`)")
         if self is INT4 and scale is not None:
             return self.inputs(w) // scale.shape[-2]
         return CHUNK
@@ -55,7 +66,9 @@ FP32 = Format("fp32", 0, torch.float32, 1, None)
 BF16 = Format("bf16", 1, torch.bfloat16, 1, None)
 INT8 = Format("int8", 2, torch.int8, 1, "fp32 [.., N]")
 INT4 = Format("int4", 3, torch.uint8, 2, "bf16 [.., N, G, 2] (scale, zero)")
-FORMATS = (FP32, BF16, INT8, INT4)  # in code order
+FP8 = Format("fp8", 4, torch.float8_e4m3fn, 1, "fp32 [.., N, ceil(K/B)]")
+FORMATS = (FP32, BF16, INT8, INT4, FP8)  # in code order
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 _BY_DTYPE = {f.dtype: f for f in FORMATS}
 
 
@@ -121,18 +134,50 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.cat([chunks & 15, chunks >> 4], dim=-2).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+def quantize_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., N, K] float -> (q [..., N, K] float8_e4m3fn, scale [..., N, ceil(K/block)] fp32).
+
+    One scale per row and block of inputs, max|w| / 448 (a finer grid than a checkpoint's
+    [Bo, B] blocks, in the same layout once those are repeated over their rows).
+    """
+    k = w.shape[-1]
+    blocks = -(-k // block)
+    padded = torch.nn.functional.pad(w.float(), (0, blocks * block - k))  # [..., N, G*B], zeros change no max
+    scale = (padded.unflatten(-1, (blocks, block)).abs().amax(-1) / FP8_MAX).clamp(min=1e-12)  # [..., N, G]
+    q = (w.float() / fp8_expand(scale, block, k)).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_expand(scale: torch.Tensor, block: int, k: int) -> torch.Tensor:
+    """scale [..., N, ceil(K/block)] -> [..., N, K]: each input's scale."""
+    return scale.float().repeat_interleave(block, dim=-1)[..., :k]
+
+
+def fp8_row_scales(block_scale: torch.Tensor, rows: int, block: int) -> torch.Tensor:
+    """A checkpoint's weight_scale_inv [ceil(N/Bo), G] -> the stored layout [N, G]: each scale row
+    repeated over its `block` (Bo) output rows, the last block cut to the N rows there are."""
+    return block_scale.float().repeat_interleave(block, dim=0)[:rows]
+
+
 def quantize(w: torch.Tensor, fmt: Format, group: int = 128) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A float weight [.., N, K] in `fmt`: (stored weight, scale or None)."""
+    """A float weight [.., N, K] in `fmt`: (stored weight, scale or None). `group`: int4's group, fp8's block."""
     if fmt is INT8:
         return quantize_int8(w)
     if fmt is INT4:
         return quantize_int4(w, group)
+    if fmt is FP8:
+        return quantize_fp8(w, group)
     return w.to(fmt.dtype), None
 
 
-def dequantize(w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-    """Any stored weight above -> fp32 [..., N, K], in plain torch (the reference every kernel matches)."""
+def dequantize(w: torch.Tensor, scale: torch.Tensor | None, group: int | None = None) -> torch.Tensor:
+    """Any stored weight above -> fp32 [..., N, K], in plain torch (the reference every kernel matches).
+
+    `group`: fp8's input block (required there); the other formats read theirs from the shapes."""
     fmt = format_of(w)
+    if fmt is FP8:
+        assert group is not None, "fp8 needs its input block"
+        return w.float() * fp8_expand(scale, group, w.shape[-1])
     if fmt is INT8:
         return w.float() * scale.float()[..., None]
     if fmt is INT4:

@@ -61,14 +61,14 @@ def _fp32(norm: RMSNorm) -> torch.Tensor:
 def _attention(attn: nn.Module) -> _Attention | None:
     """attn for native.attention, or None when it is another kind of attention (DeepSeek's latent
     one), a projection is in a layout the kernels do not read (fp16), or q, k and v differ in
-    layout (e.g. one stayed float under int4)."""
+    layout (format or group: e.g. one stayed float under int4; they share one prepared input)."""
     if not isinstance(attn, Attention):
         return None
-    layers = [
-        (m.weight, getattr(m, "scale", None), m.bias) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-    ]
-    qkv_layouts = {(w.dtype, None if s is None or s.dim() < 2 else s.shape[-2]) for w, s, _ in layers[:3]}
-    if len(qkv_layouts) > 1 or not all(native.supports(w) for w, _, _ in layers):
+    modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
+    layers = [(m.weight, getattr(m, "scale", None), m.bias, getattr(m, "block", None)) for m in modules]
+    if not all(native.supports(w) for w, *_ in layers):
+        return None
+    if len({native.layout(w, s, block)[::2] for w, s, _, block in layers[:3]}) > 1:  # (format, group)
         return None
     projs, keep = native.projections(layers)
     norms = [None if n is None else _fp32(n) for n in (attn.q_norm, attn.k_norm)]
@@ -94,7 +94,7 @@ def _fused(
     ):
         return None, []
     s13, s2 = getattr(experts, "gate_up_scale", None), getattr(experts, "down_scale", None)
-    fmt, _, group = native.layout(w13, s13)
+    fmt, _, group = native.layout(w13, s13, getattr(experts, "block", None))  # fp8 experts carry their block
     router_proj, router_keep = native.projections([(router.weight, None, None)])
     a = attention
     args = native.BlockArgs(

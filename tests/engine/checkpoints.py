@@ -7,6 +7,7 @@ leaves at zero and which would then test nothing).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,3 +238,50 @@ class RoutingRecorder:
     def close(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def _fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (float8_e4m3fn [N, K], weight_scale_inv [ceil(N/Bo), ceil(K/B)] fp32) as DeepSeek-V3
+    quantizes: one scale per [Bo, B] block, max|w| / 448, edge blocks partial."""
+    (n, k), (bo, bi) = w.shape, block
+    rows, cols = -(-n // bo), -(-k // bi)
+    padded = torch.zeros(rows * bo, cols * bi)
+    padded[:n, :k] = w.float()
+    scale = padded.view(rows, bo, cols, bi).abs().amax(dim=(1, 3)) / 448.0  # [rows, cols]
+    per_weight = scale.repeat_interleave(bo, 0).repeat_interleave(bi, 1)[:n, :k]  # [N, K]
+    return (w.float() / per_weight).to(torch.float8_e4m3fn), scale
+
+
+def _fp8_stays_float(name: str) -> bool:
+    # DeepSeek-V3 keeps embeddings, the head, norms and the router in bf16.
+    return not name.endswith(".weight") or any(p in name for p in ("embed_tokens", "lm_head", "norm", "mlp.gate."))
+
+
+def save_fp8(model: nn.Module, directory: Path, block: tuple[int, int]) -> Path:
+    """Write `model` as a DeepSeek-V3 FP8 checkpoint: every projection float8_e4m3fn with its
+    weight_scale_inv, experts one tensor per expert and projection, the rest bf16, and
+    config.json's quantization_config {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": block}."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, 2I, H] / [E, H, I]
+            prefix = name.rsplit(".", 1)[0]
+            for e, we in enumerate(w):
+                parts = (("gate_proj", we[: we.shape[0] // 2]), ("up_proj", we[we.shape[0] // 2 :]))
+                for proj, part in parts if name.endswith("gate_up_proj") else (("down_proj", we),):
+                    q, scale = _fp8_blocks(part, block)
+                    tensors[f"{prefix}.{e}.{proj}.weight"], tensors[f"{prefix}.{e}.{proj}.weight_scale_inv"] = q, scale
+        elif w.dim() == 2 and not _fp8_stays_float(name):
+            tensors[name], tensors[name.removesuffix(".weight") + ".weight_scale_inv"] = _fp8_blocks(w, block)
+        elif not name.endswith("lm_head.weight") or not model.config.tie_word_embeddings:
+            tensors[name] = w.to(torch.bfloat16) if "correction_bias" not in name else w.float()
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    config = model.config.to_dict()
+    config["torch_dtype"] = "bfloat16"
+    config["quantization_config"] = {
+        "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": list(block)
+    }  # fmt: skip
+    (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return directory

@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from engine import native
 from engine.errors import EngineError
 from engine.qmatmul import matmul
-from kernels.formats import FORMATS, INT4, INT8, pack_int4, quantize_int4, quantize_int8, unpack_int4
+from kernels.formats import (
+    FORMATS,
+    INT4,
+    INT8,
+    pack_int4,
+    quantize_fp8,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 from kernels.formats import dequantize as dequantize_reference
 
 # The SIMD build rounds activations (to int16 per chunk of 32 for int8 weights, to int8 per
@@ -42,6 +51,8 @@ def _weights(fmt: str, shape: tuple[int, ...], group: int = 32) -> tuple[torch.T
         return w, None
     if fmt == "bf16":
         return w.to(torch.bfloat16), None
+    if fmt == "fp8":  # `group` is its input block
+        return quantize_fp8(w, group)
     return quantize_int8(w) if fmt == "int8" else quantize_int4(w, group)
 
 
@@ -59,8 +70,10 @@ def _round_chunks(x: torch.Tensor, top: int, size: int = 32) -> torch.Tensor:
     return torch.cat([rounded.reshape(x.shape[0], full), x[:, full:]], dim=1)
 
 
-def expected(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, simd: bool) -> torch.Tensor:
-    """x [M, K] @ W^T as the kernel defines it, in plain torch."""
+def expected(
+    x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, simd: bool, block: int | None = None
+) -> torch.Tensor:
+    """x [M, K] @ W^T as the kernel defines it, in plain torch (`block`: fp8's)."""
     if simd and w.dtype == torch.int8:
         return _round_chunks(x, 32767) @ dequantize_reference(w, scale).T
     if simd and w.dtype == torch.uint8:  # sum q * s over int8 activations (per group), + (zero - 8 s) * exact sums
@@ -69,15 +82,15 @@ def expected(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, simd:
         qs = unpack_int4(w).float() * s.repeat_interleave(group, dim=-1)  # [N, K]
         sums = x.reshape(x.shape[0], -1, group).sum(-1)  # [M, G]
         return _round_chunks(x, 127, group) @ qs.T + sums @ (z - 8 * s).T
-    return x @ dequantize_reference(w, scale).T
+    return x @ dequantize_reference(w, scale, block).T
 
 
-def expected_moe(x, w13, s13, w2, s2, weights, ids, simd: bool) -> torch.Tensor:
+def expected_moe(x, w13, s13, w2, s2, weights, ids, simd: bool, block: int | None = None) -> torch.Tensor:
     out = torch.zeros_like(x)
     for t, k in torch.cartesian_prod(torch.arange(ids.shape[0]), torch.arange(ids.shape[1])).tolist():
         e = int(ids[t, k])
-        gate, up = expected(x[t : t + 1], w13[e], None if s13 is None else s13[e], simd).chunk(2, dim=-1)
-        out[t] += weights[t, k] * expected(F.silu(gate) * up, w2[e], None if s2 is None else s2[e], simd)[0]
+        gate, up = expected(x[t : t + 1], w13[e], None if s13 is None else s13[e], simd, block).chunk(2, dim=-1)
+        out[t] += weights[t, k] * expected(F.silu(gate) * up, w2[e], None if s2 is None else s2[e], simd, block)[0]
     return out
 
 
@@ -100,6 +113,29 @@ def test_dequantize_is_exact(lib, fmt: str) -> None:
     assert torch.equal(native.dequantize(w, scale, lib=lib), dequantize_reference(w, scale))
 
 
+# fp8 blocks: K and block multiples of 8 (rows four at a time in the SIMD build, the last block
+# partial or whole), or not (one row at a time, scalar tails); a block wider than K.
+FP8_SHAPES = [(256, 128), (96, 40), (200, 64), (77, 32), (100, 7), (24, 128)]
+
+
+@pytest.mark.parametrize("k,block", FP8_SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_fp8_gemv_equals_the_dequantized_product(lib, k: int, block: int, m: int) -> None:
+    # fp8 activations stay fp32: only the summation order differs from the reference.
+    torch.manual_seed(k + m)
+    w, scale = _weights("fp8", (45, k), block)
+    x = torch.randn(m, k)
+    _close(native.gemv(x, w, scale, group=block, lib=lib), x @ dequantize_reference(w, scale, block).T)
+
+
+@pytest.mark.parametrize("k,block", FP8_SHAPES)
+def test_fp8_dequantize_is_exact_and_reads_every_byte(lib, k: int, block: int) -> None:
+    codes = torch.arange(256, dtype=torch.uint8).repeat(k)[: 19 * k].view(19, k)  # every e4m3 pattern ...
+    w = codes.masked_fill((codes & 0x7F) == 0x7F, 0).view(torch.float8_e4m3fn)  # ... but NaN
+    scale = torch.rand(19, -(-k // block)) + 0.5
+    assert torch.equal(native.dequantize(w, scale, group=block, lib=lib), dequantize_reference(w, scale, block))
+
+
 def test_int4_packing_round_trips_and_rounds_to_half_a_step() -> None:
     q = torch.randint(0, 16, (7, 96), dtype=torch.uint8)
     assert torch.equal(unpack_int4(pack_int4(q)), q)
@@ -112,7 +148,9 @@ def test_int4_packing_round_trips_and_rounds_to_half_a_step() -> None:
     assert torch.all((w - dequantize_reference(packed, scale_zero)).abs() <= bound + 1e-6)
 
 
-@pytest.mark.parametrize("fmt,group", [("f32", 32), ("bf16", 32), ("int8", 32), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize(
+    "fmt,group", [("f32", 32), ("bf16", 32), ("int8", 32), ("int4", 32), ("int4", 64), ("fp8", 48), ("fp8", 100)]
+)
 @pytest.mark.parametrize(
     "ids",
     [
@@ -129,8 +167,9 @@ def test_moe_equals_the_reference(lib, fmt: str, group: int, ids: list[list[int]
     w2, s2 = _weights(fmt, (experts, hidden, width), group)
     ids_t = torch.tensor(ids)
     x, weights = torch.randn(ids_t.shape[0], hidden), torch.rand(ids_t.shape)
-    got = native.moe(x, w13, w2, weights, ids_t, w13_scale=s13, w2_scale=s2, lib=lib)
-    _close(got, expected_moe(x, w13, s13, w2, s2, weights, ids_t, bool(lib.moerag_simd())))
+    block = group if fmt == "fp8" else None  # fp8: 128 and 192 inputs in blocks of 48 or 100 (partial last)
+    got = native.moe(x, w13, w2, weights, ids_t, w13_scale=s13, w2_scale=s2, group=block, lib=lib)
+    _close(got, expected_moe(x, w13, s13, w2, s2, weights, ids_t, bool(lib.moerag_simd()), block))
 
 
 @pytest.mark.parametrize("m", [1, 40])  # decode (native) and prefill (dequantize + torch GEMM)
@@ -152,12 +191,14 @@ def _rms(v: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> tor
 @pytest.mark.parametrize("position", [0, 7, 8, 37])  # the SIMD path scores 8 positions at a time
 @pytest.mark.parametrize("norm,bias", [(True, False), (False, True)])  # Qwen3 (q/k norm), Qwen2 (biases)
 @pytest.mark.parametrize("d", [16, 72])  # head_dim: values summed 64 channels at a time, then 8
-@pytest.mark.parametrize("fmt", ["f32", "int8", "int4"])  # int8, int4 g64: rows four at a time, as four streams
+@pytest.mark.parametrize("fmt", ["f32", "int8", "int4", "fp8"])  # int8, int4 g64: rows four at a time, as four streams
 def test_attention_step_equals_the_reference(lib, position: int, norm: bool, bias: bool, d: int, fmt: str) -> None:
     torch.manual_seed(position)
     b, heads, kv_heads, hidden, smax = 2, 8, 2, 64, 40
     shapes = [(heads * d, hidden), (kv_heads * d, hidden), (kv_heads * d, hidden), (hidden, heads * d)]
-    weights = [(*_weights(fmt, shape, 64), torch.randn(shape[0]) if bias else None) for shape in shapes]
+    group = 40 if fmt == "fp8" else 64  # fp8: blocks of 40, the last one partial
+    block = group if fmt == "fp8" else None
+    weights = [(*_weights(fmt, shape, group), torch.randn(shape[0]) if bias else None, block) for shape in shapes]
     projs, _keep = native.projections(weights)  # _keep: the tensors projs points into
     q_norm, k_norm = (torch.rand(d) + 0.5, torch.rand(d) + 0.5) if norm else (None, None)
     angle = torch.rand(d // 2) * position
@@ -171,8 +212,8 @@ def test_attention_step_equals_the_reference(lib, position: int, norm: bool, bia
     )  # fmt: skip
 
     def project(i: int, v: torch.Tensor) -> torch.Tensor:
-        w, scale, bias_i = weights[i]
-        return expected(v, w, scale, bool(lib.moerag_simd())) + (0 if bias_i is None else bias_i)
+        w, scale, bias_i, _ = weights[i]
+        return expected(v, w, scale, bool(lib.moerag_simd()), block) + (0 if bias_i is None else bias_i)
 
     def rotate(v: torch.Tensor) -> torch.Tensor:  # half-split rotation (Llama / Qwen layout)
         half = v.shape[-1] // 2
@@ -237,8 +278,8 @@ _BLOCK_BYTES, _W13 = ctypes.sizeof(native.BlockArgs), native.BlockArgs.w13.offse
         ),
         (
             None,
-            (dataclasses.replace(INT4, name="mxfp4", code=4),),
-            "format code 4 ('mxfp4' in kernels/formats.py) has no row in native.c's format table",
+            (dataclasses.replace(INT4, name="mxfp4", code=len(FORMATS)),),
+            f"format code {len(FORMATS)} ('mxfp4' in kernels/formats.py) has no row in native.c's format table",
         ),
     ],
 )

@@ -124,3 +124,21 @@ def test_int4_group_size_is_checked(tiny_checkpoint) -> None:
     _, path = tiny_checkpoint("llama")
     with pytest.raises(engine.EngineError, match="group_size"):
         engine.load_model(path, quantize="int4", group_size=48)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_converting_a_quantized_model_keeps_its_stored_weights(tiny_checkpoint, tmp_path, scheme) -> None:
+    # .to(bfloat16) converts every floating-point tensor; quantized weights and their scales must
+    # stay as stored (an fp32 int8 scale rounded to bf16 would change every product) while the
+    # float parts (embeddings, norms, routers) follow.
+    _, path = tiny_checkpoint("qwen3_moe")
+    model = engine.load_model(path, quantize=scheme, group_size=32)
+    engine.write_checkpoint(model, tmp_path / "q")
+    stored = {name: (b.dtype, b.clone()) for name, b in model.net.named_buffers()}
+    model.net.to(torch.bfloat16)
+    for name, b in model.net.named_buffers():
+        assert b.dtype == stored[name][0] and torch.equal(b, stored[name][1]), name
+    assert model.net.model.embed_tokens.weight.dtype == torch.bfloat16
+    # The same quantized weights loaded with bf16 float parts: exactly the converted model.
+    direct = engine.load_model(tmp_path / "q", dtype=torch.bfloat16)
+    assert torch.equal(model.logits(PROMPT), direct.logits(PROMPT))

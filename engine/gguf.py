@@ -1,0 +1,571 @@
+"""GGUF files (llama.cpp's format): config, tensors and tokenizer from one file or its splits.
+
+The metadata becomes a Hugging Face config dict (one builder per llama.cpp architecture the
+engine implements), GGUF tensor names become the loader's module names, and `GGUFTensors` reads
+one file the way engine.tensorfile.TensorFile reads a shard (names, shape, read_into, close), so
+the loader fills the model layer by layer from it. F32, F16 and BF16 tensors load; quantized
+block types (Q8_0, Q4_0, K-quants, ...) are refused by name until the engine has formats for them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from engine.errors import CheckpointError, UnsupportedArchitectureError
+from engine.tensorfile import CHUNK_BYTES
+
+_SPLIT = re.compile(r"(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
+# Vocabulary-sized arrays: only the tokenizer reads them, through transformers.
+_TOKENIZER_ARRAYS = (
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+)
+_FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def is_gguf(path_or_id: str | Path) -> bool:
+    return str(path_or_id).lower().endswith(".gguf")
+
+
+def split_files(path: str | Path) -> list[Path]:
+    """The file itself, or every split of a `name-00001-of-0000N.gguf` set (given its first split)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"No GGUF file at {path}.")
+    match = _SPLIT.fullmatch(path.name)
+    if match is None:
+        return [path]
+    if int(match["no"]) != 1:
+        first = path.with_name(f"{match['stem']}-00001-of-{match['count']}.gguf")
+        raise CheckpointError(f"{path.name} is split {int(match['no'])} of a set; point the engine at {first}.")
+    count = int(match["count"])
+    splits = [path.with_name(f"{match['stem']}-{i:05d}-of-{match['count']}.gguf") for i in range(1, count + 1)]
+    absent = [s.name for s in splits if not s.is_file()]
+    if absent:
+        raise CheckpointError(f"{path.name} is one of {count} splits, but {', '.join(absent)} are missing.")
+    return splits
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor as stored: GGUF name, type name (F32, Q4_K, ...), torch-order shape, absolute offset."""
+
+    path: Path
+    name: str
+    type: str
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def _open(path: Path) -> tuple[dict[str, Any], list[_Tensor]]:
+    """The metadata (without the vocabulary arrays) and the tensor table of one GGUF file."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (OSError, ValueError, KeyError) as exc:  # bad magic, truncated header or data, unknown type
+        raise CheckpointError(
+            f"Cannot read {path} as GGUF: {exc}. The file may be truncated; download it again."
+        ) from exc
+    metadata = {
+        name: field.contents()
+        for name, field in reader.fields.items()
+        if not name.startswith("GGUF.") and name not in _TOKENIZER_ARRAYS
+    }
+    tensors = [
+        _Tensor(
+            path,
+            t.name,
+            t.tensor_type.name,
+            tuple(int(d) for d in reversed(t.shape.tolist())),
+            t.data_offset,
+            t.n_bytes,
+        )
+        for t in reader.tensors
+    ]
+    return metadata, tensors
+
+
+def _check_types(path: Path, tensors: list[_Tensor]) -> None:
+    for t in tensors:
+        if t.type not in _FLOAT_TYPES:
+            raise CheckpointError(
+                f"{path.name}: tensor {t.name} is {t.type}, which the engine cannot load yet. Supported GGUF tensor "
+                f"types: {', '.join(_FLOAT_TYPES)}; convert with llama.cpp's convert_hf_to_gguf.py --outtype bf16."
+            )
+
+
+# --- metadata -> Hugging Face config ------------------------------------------------------------
+
+
+class _Meta:
+    """`{arch}.`-prefixed metadata lookups; a missing required key is a CheckpointError naming it."""
+
+    def __init__(self, metadata: dict[str, Any], path: Path) -> None:
+        self.data, self.path = metadata, path
+        self.arch = str(metadata.get("general.architecture"))
+
+    def __call__(self, key: str, default: Any = KeyError) -> Any:
+        value = self.data.get(f"{self.arch}.{key}", default)
+        if value is KeyError:
+            raise CheckpointError(f"{self.path.name} lacks the GGUF metadata {self.arch}.{key}, which the model needs.")
+        return value
+
+
+def _rope_scaling(m: _Meta) -> dict[str, Any] | None:
+    kind = m("rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(m("rope.scaling.factor"))}
+    if kind == "yarn":
+        return {
+            "rope_type": "yarn",
+            "factor": float(m("rope.scaling.factor")),
+            "original_max_position_embeddings": int(m("rope.scaling.original_context_length")),
+            "beta_fast": float(m("rope.scaling.yarn_beta_fast", 32.0)),
+            "beta_slow": float(m("rope.scaling.yarn_beta_slow", 1.0)),
+        }
+    raise UnsupportedArchitectureError(
+        f"{m.path.name} uses rope scaling {kind!r}, which the engine does not support (none, linear, yarn)."
+    )
+
+
+def _llama3_rope(divisors: torch.Tensor, theta: float, dim: int) -> dict[str, Any] | None:
+    """Llama 3's rope scaling from llama.cpp's `rope_freqs` tensor (one divisor per frequency, [D/2]).
+
+    transformers divides long wavelengths (> L/low) by `factor`, keeps short ones (< L/high) and
+    blends between, where 1/divisor = (1 - s)/factor + s with s = (L/wavelen - low)/(high - low).
+    Only the ratios L/low and L/high are determined, so low = 1; the recovered parameters are
+    accepted only if the engine's own llama3 rope reproduces every divisor.
+    """
+    from engine.config import RopeArgs
+    from engine.rope import ROPE_TYPES
+
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # [D/2]
+    wavelen = (2 * math.pi / inv_freq).double()
+    divisors = divisors.double()
+    factor = float(divisors.max())
+    if factor == 1.0:
+        return None
+    unit, full = divisors == 1.0, divisors == factor
+    mid = ~unit & ~full
+    s = (1 / divisors[mid] - 1 / factor) / (1 - 1 / factor)
+    if int(mid.sum()) >= 2:  # s = A/w - B with A = L/(high - 1), B = 1/(high - 1): a least-squares line
+        fit = torch.linalg.lstsq(torch.stack([1 / wavelen[mid], -torch.ones_like(s)], 1), s[:, None]).solution
+        a, b = float(fit[0]), float(fit[1])
+        high, old_len = 1 + 1 / b, a / b
+    else:  # too few blended frequencies to fix L: any L between the bands gives the same divisors
+        below = float(wavelen[~full].max()) if bool((~full).any()) else float(wavelen.min()) / 2
+        old_len = math.sqrt(below * float(wavelen[full].min()))
+        if bool(mid.any()):
+            high = 1 + (old_len / float(wavelen[mid][0]) - 1) / float(s[0])
+        else:
+            shortest_kept = float(wavelen[unit].max()) if bool(unit.any()) else old_len / 4
+            high = math.sqrt(old_len / shortest_kept) if shortest_kept < old_len else 4.0
+    params = {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": old_len,
+    }
+    ours, _ = ROPE_TYPES["llama3"](RopeArgs(theta=theta, rope_type="llama3", params=params), dim)
+    if not torch.allclose(ours.double(), inv_freq.double() / divisors, rtol=1e-5, atol=0):
+        raise UnsupportedArchitectureError(
+            "The GGUF's rope_freqs tensor is not Llama 3 rope scaling, the only per-frequency scaling the engine reads."
+        )
+    return params
+
+
+def _gqa(m: _Meta, info: dict[str, _Tensor]) -> dict[str, Any]:
+    """The fields every llama-style architecture writes the same way."""
+    hidden, heads = int(m("embedding_length")), int(m("attention.head_count"))
+    return {
+        "vocab_size": info["token_embd.weight"].shape[0],
+        "hidden_size": hidden,
+        "num_hidden_layers": int(m("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(m("attention.head_count_kv", heads)),
+        "head_dim": int(m("attention.key_length", hidden // heads)),
+        "intermediate_size": int(m("feed_forward_length", 0)),
+        "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon")),
+        "max_position_embeddings": int(m("context_length")),
+        "rope_theta": float(m("rope.freq_base", 10000.0)),
+        "rope_scaling": _rope_scaling(m),
+        "attention_bias": "blk.0.attn_q.bias" in info,
+    }
+
+
+def _llama(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    config = _gqa(m, info) | {"mlp_bias": "blk.0.ffn_gate.bias" in info}
+    if "rope_freqs.weight" in info:
+        dim = int(m("rope.dimension_count", config["head_dim"]))
+        config["rope_scaling"] = _llama3_rope(read("rope_freqs.weight"), config["rope_theta"], dim)
+    return config
+
+
+def _qwen3moe(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    config = _gqa(m, info)
+    width = int(m("expert_feed_forward_length"))
+    return config | {
+        "moe_intermediate_size": width,
+        "intermediate_size": config["intermediate_size"] or width,
+        "num_experts": int(m("expert_count")),
+        "num_experts_per_tok": int(m("expert_used_count")),
+        # llama.cpp always renormalizes the top-k weights of qwen3moe unless told otherwise.
+        "norm_topk_prob": bool(m("expert_weights_norm", True)),
+        "decoder_sparse_step": 1,
+        # A layer without a router is dense: the file says which by its tensors.
+        "mlp_only_layers": [
+            i for i in range(config["num_hidden_layers"]) if f"blk.{i}.ffn_gate_inp.weight" not in info
+        ],
+    }
+
+
+def _deepseek2(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    heads, rope_dim = int(m("attention.head_count")), int(m("rope.dimension_count"))
+    nextn = int(m("nextn_predict_layers", 0))
+    # Files since llama.cpp's MLA rework state the per-head key length as key_length_mla
+    # (key_length is then kv_lora_rank + rope dims); older files state it as key_length.
+    key_length = int(m("attention.key_length_mla", 0) or m("attention.key_length"))
+    gating = int(m("expert_gating_func", 1))  # llama.cpp's default for deepseek2 is softmax
+    rope = _rope_scaling(m)
+    if rope is not None and rope["rope_type"] == "yarn":
+        # llama.cpp scales q.k by mscale_all_dim^2 and leaves cos/sin unscaled, i.e. mscale == mscale_all_dim.
+        mscale_all_dim = float(m("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1
+        rope |= {"mscale": mscale_all_dim, "mscale_all_dim": mscale_all_dim}
+    return {
+        "vocab_size": info["token_embd.weight"].shape[0],
+        "hidden_size": int(m("embedding_length")),
+        "num_hidden_layers": int(m("block_count")) - nextn,
+        "num_nextn_predict_layers": nextn,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "q_lora_rank": int(m("attention.q_lora_rank", 0)) or None,
+        "kv_lora_rank": int(m("attention.kv_lora_rank")),
+        "qk_rope_head_dim": rope_dim,
+        "qk_nope_head_dim": key_length - rope_dim,
+        "v_head_dim": int(m("attention.value_length_mla", 0) or m("attention.value_length")),
+        "intermediate_size": int(m("feed_forward_length")),
+        "moe_intermediate_size": int(m("expert_feed_forward_length")),
+        "n_routed_experts": int(m("expert_count")),
+        "n_shared_experts": int(m("expert_shared_count", 0)),
+        "num_experts_per_tok": int(m("expert_used_count")),
+        "n_group": int(m("expert_group_count", 1)),
+        "topk_group": int(m("expert_group_used_count", 1)),
+        "norm_topk_prob": bool(m("expert_weights_norm", False)),
+        "routed_scaling_factor": float(m("expert_weights_scale", 1.0)),
+        "scoring_func": {1: "softmax", 2: "sigmoid"}.get(gating, str(gating)),
+        "topk_method": "noaux_tc" if gating == 2 else "greedy",
+        "first_k_dense_replace": int(m("leading_dense_block_count", 0)),
+        "rms_norm_eps": float(m("attention.layer_norm_rms_epsilon")),
+        "max_position_embeddings": int(m("context_length")),
+        "rope_theta": float(m("rope.freq_base", 10000.0)),
+        "rope_scaling": rope,
+        # llama.cpp rotates adjacent pairs for deepseek2, as the official weights are laid out.
+        "rope_interleave": True,
+        "attention_bias": False,
+    }
+
+
+@dataclass(frozen=True)
+class _Family:
+    model_type: str  # the engine's architecture (engine.models.ARCHITECTURES)
+    hf_class: str
+    config: Callable[[_Meta, dict[str, _Tensor], Callable[[str], torch.Tensor]], dict[str, Any]]
+
+
+# GGUF general.architecture -> how its metadata becomes a config.json.
+FAMILIES: dict[str, _Family] = {
+    "llama": _Family("llama", "LlamaForCausalLM", _llama),
+    "qwen2": _Family("qwen2", "Qwen2ForCausalLM", lambda m, info, read: _gqa(m, info)),
+    "qwen3": _Family("qwen3", "Qwen3ForCausalLM", lambda m, info, read: _gqa(m, info)),
+    "qwen3moe": _Family("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3moe),
+    "deepseek2": _Family("deepseek_v3", "DeepseekV3ForCausalLM", _deepseek2),
+}
+
+
+def _stored_dtype(tensors: list[_Tensor]) -> str:
+    """The float type holding most matrix elements: what dtype="auto" loads as."""
+    counts: dict[str, int] = {}
+    for t in tensors:
+        if len(t.shape) >= 2:
+            counts[t.type] = counts.get(t.type, 0) + math.prod(t.shape)
+    return _DTYPE_NAMES.get(max(counts, key=counts.__getitem__), "float32") if counts else "float32"
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The Hugging Face config dict a GGUF's metadata describes (first split), checked for
+    supported architecture and tensor types before anything is allocated."""
+    splits = split_files(path)
+    tables = [_open(split) for split in splits]
+    metadata, tensors = tables[0][0], [t for _, table in tables for t in table]
+    arch = str(metadata.get("general.architecture"))
+    if arch not in FAMILIES:
+        raise UnsupportedArchitectureError(
+            f"{splits[0].name} is a GGUF of architecture {arch!r}, which the engine does not support. "
+            f"Supported: {', '.join(FAMILIES)}."
+        )
+    for split, (_, table) in zip(splits, tables):
+        _check_types(split, table)
+    info = {t.name: t for t in tensors}
+    if "token_embd.weight" not in info:
+        raise CheckpointError(f"{splits[0].name} has no token_embd.weight tensor; it is not a complete model.")
+    family = FAMILIES[arch]
+    meta = _Meta(metadata, splits[0])
+
+    def read(name: str) -> torch.Tensor:  # a small tensor the config needs (e.g. rope_freqs)
+        return _read_whole(info[name])
+
+    try:
+        config = family.config(meta, info, read)
+    except (TypeError, ValueError) as exc:  # a per-layer array where a number belongs, and the like
+        raise CheckpointError(f"{splits[0].name} has GGUF metadata the engine cannot read: {exc}") from exc
+    return {
+        "model_type": family.model_type,
+        "architectures": [family.hf_class],
+        **config,
+        "tie_word_embeddings": "output.weight" not in info,
+        "torch_dtype": _stored_dtype(tensors),
+        "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
+    }
+
+
+def read_architecture(path: str | Path):
+    """(path, config, model_type, architecture, args), as engine.loader.read_architecture gives for a directory."""
+    from engine.models import ARCHITECTURES
+
+    path = Path(path).expanduser()
+    config = read_config(path)
+    model_type = config["model_type"]
+    arch = ARCHITECTURES[model_type]
+    try:
+        args = arch.args_from_config(config)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"The GGUF metadata of {path.name} lacks or mangles a field {model_type} needs: {exc}"
+        ) from exc
+    return path, config, model_type, arch, args
+
+
+# --- GGUF tensor names -> module names ----------------------------------------------------------
+
+_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_BLOCK = {  # blk.N.<key>.<weight|bias> -> model.layers.N.<value>.<weight|bias>
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_q_a": "self_attn.q_a_proj",
+    "attn_q_a_norm": "self_attn.q_a_layernorm",
+    "attn_q_b": "self_attn.q_b_proj",
+    "attn_kv_a_mqa": "self_attn.kv_a_proj_with_mqa",
+    "attn_kv_a_norm": "self_attn.kv_a_layernorm",
+    "attn_kv_b": "self_attn.kv_b_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_experts.gate_proj",
+    "ffn_up_shexp": "mlp.shared_experts.up_proj",
+    "ffn_down_shexp": "mlp.shared_experts.down_proj",
+}
+_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}  # [E, out, in]
+_NAME = re.compile(r"blk\.(?P<layer>\d+)\.(?P<key>\w+)\.(?P<kind>weight|bias)")
+
+
+def _module_name(name: str) -> str:
+    """The loader's name for GGUF tensor `name`; names it does not know pass through unchanged,
+    so the loader reports them as having no place in the model."""
+    stem, _, kind = name.rpartition(".")
+    if stem in _GLOBAL:
+        return f"{_GLOBAL[stem]}.{kind}"
+    match = _NAME.fullmatch(name)
+    if match is None:
+        return name
+    prefix = f"model.layers.{match['layer']}."
+    if match["key"] == "exp_probs_b":  # DeepSeek's routing correction, stored as a bias
+        return prefix + "mlp.gate.e_score_correction_bias"
+    if match["key"] in _BLOCK:
+        return f"{prefix}{_BLOCK[match['key']]}.{match['kind']}"
+    return name
+
+
+def _unpermute(heads: int, stored: torch.Tensor) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's Q/K row order for llama: within each head it interleaves the two
+    rotary halves (rows j, j + D/2 -> 2j, 2j + 1), since llama.cpp rotates adjacent pairs."""
+    rows = stored.shape[0]
+    # [heads, D/2, 2, ...] as stored -> [heads, 2, D/2, ...] as transformers rotates halves
+    return stored.reshape(heads, rows // heads // 2, 2, *stored.shape[1:]).transpose(1, 2).reshape(stored.shape)
+
+
+def _merge_kv_b(k_b: torch.Tensor, v_b: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's kv_b_proj [N*(Dn+Dv), R] from llama.cpp's split halves k_b [N, R, Dn], v_b [N, Dv, R]."""
+    r = k_b.shape[1]
+    return torch.cat((k_b.transpose(1, 2), v_b), dim=1).reshape(-1, r)  # [N, Dn+Dv, R] -> [N*(Dn+Dv), R]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A module tensor: the stored pieces it is read from and, if they are not it as they are, how
+    they combine into it."""
+
+    parts: tuple[_Tensor, ...]
+    shape: tuple[int, ...]
+    combine: Callable[..., torch.Tensor] | None = None
+
+
+def _entries(tensors: list[_Tensor], config: dict[str, Any]) -> dict[str, _Entry]:
+    entries: dict[str, _Entry] = {}
+    by_name = {t.name: t for t in tensors}
+    for t in tensors:
+        if t.name == "rope_freqs.weight":  # read into the config's rope scaling
+            continue
+        match = _NAME.fullmatch(t.name)
+        key = match["key"] if match else ""
+        if key in _EXPERTS:  # one entry per expert: the loader fills stacked experts from these
+            per_expert = t.nbytes // t.shape[0]
+            for e in range(t.shape[0]):
+                part = _Tensor(t.path, t.name, t.type, t.shape[1:], t.offset + e * per_expert, per_expert)
+                entries[f"model.layers.{match['layer']}.mlp.experts.{e}.{_EXPERTS[key]}.weight"] = _Entry(
+                    (part,), part.shape
+                )
+        elif key in ("attn_k_b", "attn_v_b") and match["kind"] == "weight":
+            k_b = by_name.get(f"blk.{match['layer']}.attn_k_b.weight")
+            v_b = by_name.get(f"blk.{match['layer']}.attn_v_b.weight")
+            if k_b is None or v_b is None:  # half of the pair is in another split, or missing
+                entries[t.name] = _Entry((t,), t.shape)
+            elif key == "attn_k_b":
+                shape = (k_b.shape[0] * (k_b.shape[2] + v_b.shape[1]), k_b.shape[1])
+                entries[f"model.layers.{match['layer']}.self_attn.kv_b_proj.weight"] = _Entry(
+                    (k_b, v_b), shape, _merge_kv_b
+                )
+        elif config["model_type"] == "llama" and key in ("attn_q", "attn_k"):
+            heads = config["num_attention_heads"] if key == "attn_q" else config["num_key_value_heads"]
+            entries[_module_name(t.name)] = _Entry((t,), t.shape, lambda w, heads=heads: _unpermute(heads, w))
+        else:
+            entries[_module_name(t.name)] = _Entry((t,), t.shape)
+    return entries
+
+
+def _read_whole(t: _Tensor) -> torch.Tensor:
+    """A stored float tensor as a fresh CPU tensor (for small ones and combined pieces)."""
+    out = torch.empty(t.shape, dtype=_FLOAT_TYPES[t.type])
+    with open(t.path, "rb") as f:
+        _read(f, t, 0, t.nbytes, out)
+    return out
+
+
+def _read(f: BinaryIO, t: _Tensor, start: int, end: int, out: torch.Tensor) -> None:
+    """Bytes start..end of tensor `t` into `out` (contiguous, end - start bytes)."""
+    f.seek(t.offset + start)
+    if f.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != end - start:
+        raise CheckpointError(f"Cannot read {t.name} from {t.path}: the file is truncated; download it again.")
+
+
+class GGUFTensors:
+    """One GGUF file read like a safetensors shard: `names` (module names), `shape`, `read_into`.
+
+    Tensors are read with plain reads, not through a memory map, so the file's pages stay out of
+    the process's resident memory (as in engine.tensorfile). `config` is the one `read_config`
+    built from the set's first split: llama's Q/K rows are un-permuted with its head counts.
+    """
+
+    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+        self.path = path
+        tensors = _open(path)[1]
+        _check_types(path, tensors)
+        self._entries = _entries(tensors, config)
+        self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
+        self._scratch: torch.Tensor | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name].shape
+
+    def read_into(self, name: str, dst: torch.Tensor) -> None:
+        """Copy tensor `name` into `dst` (same shape, any float dtype, on the CPU).
+
+        A plain tensor streams in slices of rows through one reused scratch buffer of at most
+        CHUNK_BYTES; a combined one (llama Q/K, DeepSeek kv_b) is read whole, then rearranged.
+        """
+        entry = self._entries[name]
+        if entry.combine is not None:
+            dst.copy_(entry.combine(*(_read_whole(part) for part in entry.parts)))
+            return
+        t = entry.parts[0]
+        dtype = _FLOAT_TYPES[t.type]
+        if dtype == dst.dtype and dst.is_contiguous():
+            _read(self._file, t, 0, t.nbytes, dst)
+            return
+        rows = t.shape[0] if t.shape else 1
+        row_bytes = t.nbytes // max(rows, 1)
+        step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+        if self._scratch is None or self._scratch.numel() < min(step, rows) * row_bytes:
+            self._scratch = torch.empty(max(CHUNK_BYTES, row_bytes), dtype=torch.uint8)
+        flat = dst if t.shape else dst.view(1)
+        for begin in range(0, rows, step):
+            n = min(step, rows - begin)
+            part = self._scratch[: n * row_bytes]
+            _read(self._file, t, begin * row_bytes, (begin + n) * row_bytes, part)
+            flat[begin : begin + n].copy_(part.view(dtype).view(n, *t.shape[1:]))
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# --- tokenizer and description ------------------------------------------------------------------
+
+
+def load_tokenizer(path: str | Path) -> Any | None:
+    """The transformers tokenizer a GGUF's metadata describes (vocabulary, merges, special tokens,
+    chat template), or None when it has no vocabulary."""
+    path = split_files(path)[0]
+    from gguf import GGUFReader
+
+    if GGUFReader(path).get_field("tokenizer.ggml.tokens") is None:
+        return None
+    try:
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except Exception as exc:  # transformers raises many types for tokenizers it cannot rebuild
+        raise CheckpointError(f"The tokenizer in the GGUF metadata of {path.name} cannot be built: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class GGUFSummary:
+    """What `moerag model info` says about a GGUF's storage."""
+
+    format: str  # "gguf"
+    tensor_types: dict[str, int]  # type name -> parameters stored in it
+    bits_per_weight: float  # over every tensor, scales and all
+
+
+def summarize(path: str | Path) -> GGUFSummary:
+    tensors = [t for split in split_files(path) for t in _open(split)[1]]
+    params: dict[str, int] = {}
+    for t in tensors:
+        params[t.type] = params.get(t.type, 0) + math.prod(t.shape)
+    total = sum(params.values())
+    return GGUFSummary("gguf", params, 8 * sum(t.nbytes for t in tensors) / max(total, 1))

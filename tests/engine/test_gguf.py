@@ -1,0 +1,372 @@
+"""GGUF files load: config, tensors and tokenizer from the metadata; logits equal transformers'.
+
+The files are written here with the gguf package's own writer and tensor-name map, from tiny
+random transformers models, laid out as llama.cpp's convert_hf_to_gguf.py lays them out: llama's
+Q/K rows permuted for adjacent-pair rope, Llama 3 rope scaling as a rope_freqs tensor, DeepSeek's
+kv_b split into k_b [N, R, Dn] and v_b [N, Dv, R], experts stacked, 1-D tensors in F32.
+Tolerances: as tests/engine/test_parity.py (fp32 logits within 1e-4 of the largest logit).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import engine
+from engine.errors import CheckpointError, UnsupportedArchitectureError
+from engine.gguf import load_tokenizer, read_config, split_files, summarize
+from engine.info import describe
+from engine.loader import load_checkpoint
+from engine.tokenizer import chat_prompt
+from tests.engine.checkpoints import CASES, CHAT_TEMPLATE, INIT, VOCAB, add_tokenizer, save
+
+gguf = pytest.importorskip("gguf")
+
+NEW_TOKENS = 32
+SENTENCE = "hello world, the engine answers questions about documents!"
+# llama without rope scaling: transformers' own GGUF loader ignores rope_freqs, and is compared too.
+LLAMA_PLAIN = dict(CASES["llama"].kwargs, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "deepseek_v3": "deepseek2"}
+
+
+def _llama_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """convert_hf_to_gguf's LlamaModel.permute: each head's rotary halves interleaved into pairs."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_divisors(config) -> torch.Tensor:
+    """convert_hf_to_gguf's rope_freqs for Llama 3 rope scaling (written out here)."""
+    p = config.rope_parameters
+    dim = config.head_dim
+    freqs = 1.0 / (p["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    old, low, high, factor = (
+        p["original_max_position_embeddings"],
+        p["low_freq_factor"],
+        p["high_freq_factor"],
+        p["factor"],
+    )
+    out = []
+    for freq in freqs.tolist():
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _hf_tensors(model, arch: str):
+    """(HF-style name, tensor) pairs as convert_hf_to_gguf feeds them to the name map."""
+    c = model.config
+    for name, w in model.state_dict().items():
+        w = w.float()
+        if name.endswith("experts.gate_up_proj"):  # [E, 2I, H] -> gate, up [E, I, H]
+            half = w.shape[1] // 2
+            yield name.replace("gate_up_proj", "gate_proj.weight"), w[:, :half]
+            yield name.replace("gate_up_proj", "up_proj.weight"), w[:, half:]
+        elif name.endswith("experts.down_proj"):
+            yield name + ".weight", w
+        elif name.endswith("e_score_correction_bias"):
+            yield name.replace("e_score_correction_bias", "e_score_correction.bias"), w
+        elif name.endswith("kv_b_proj.weight"):  # split as llama.cpp's DeepseekV2Model does
+            n, dn, dv = c.num_attention_heads, c.qk_nope_head_dim, c.v_head_dim
+            k_b, v_b = w.view(n, dn + dv, -1).split([dn, dv], dim=1)
+            yield name.replace("kv_b_proj", "k_b_proj"), k_b.transpose(1, 2)
+            yield name.replace("kv_b_proj", "v_b_proj"), v_b
+        elif arch == "llama" and ".q_proj." in name:
+            yield name, _llama_permute(w, c.num_attention_heads)
+        elif arch == "llama" and ".k_proj." in name:
+            yield name, _llama_permute(w, c.num_key_value_heads)
+        elif name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        else:
+            yield name, w
+
+
+def _metadata(writer, model, arch: str) -> None:
+    c = model.config
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    if arch == "deepseek2":  # as llama.cpp's DeepseekV2Model writes it (MLA as MQA: one kv head)
+        writer.add_head_count_kv(1)
+        writer.add_leading_dense_block_count(c.first_k_dense_replace)
+        if c.q_lora_rank:
+            writer.add_q_lora_rank(c.q_lora_rank)
+        writer.add_kv_lora_rank(c.kv_lora_rank)
+        writer.add_key_length(c.kv_lora_rank + c.qk_rope_head_dim)
+        writer.add_value_length(c.kv_lora_rank)
+        writer.add_key_length_mla(c.qk_nope_head_dim + c.qk_rope_head_dim)
+        writer.add_value_length_mla(c.v_head_dim)
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+        writer.add_expert_count(c.n_routed_experts)
+        writer.add_expert_shared_count(c.n_shared_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        writer.add_expert_group_count(c.n_group)
+        writer.add_expert_group_used_count(c.topk_group)
+        writer.add_expert_weights_scale(c.routed_scaling_factor)
+        writer.add_expert_weights_norm(c.norm_topk_prob)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        writer.add_rope_dimension_count(c.qk_rope_head_dim)
+        return
+    head_dim = getattr(c, "head_dim", None)  # written only where config.json states it
+    if head_dim is not None:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if arch == "llama":
+        writer.add_rope_dimension_count(head_dim or c.hidden_size // c.num_attention_heads)
+    if arch == "qwen3moe":
+        writer.add_expert_count(c.num_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+
+
+def _tokenizer_metadata(writer, tokenizer_dir: Path) -> None:
+    """A byte-level BPE vocabulary with merges ("gpt2"), padded to the model's rows, as llama.cpp writes it."""
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = dict(spec["model"]["vocab"])
+    special = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    vocab |= special
+    tokens, types = [f"[PAD{i}]" for i in range(VOCAB)], [gguf.TokenType.UNUSED] * VOCAB
+    for token, i in vocab.items():
+        tokens[i] = token
+        types[i] = gguf.TokenType.CONTROL if token in special else gguf.TokenType.NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(special["<|im_end|>"])
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
+_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_TYPES = {
+    "F32": gguf.GGMLQuantizationType.F32,
+    "F16": gguf.GGMLQuantizationType.F16,
+    "BF16": gguf.GGMLQuantizationType.BF16,
+}
+
+
+def write_gguf(model, tokenizer_dir: Path, path: Path, *, ftype: str = "F32", split_max_tensors: int = 0) -> Path:
+    """`model` (a tiny transformers model) as a GGUF at `path`, matrices in `ftype`, vectors in F32."""
+    arch = ARCHS[model.config.model_type]
+    writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
+    _metadata(writer, model, arch)
+    _tokenizer_metadata(writer, tokenizer_dir)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
+    if getattr(model.config, "rope_parameters", {}).get("rope_type") == "llama3":
+        writer.add_tensor("rope_freqs.weight", _llama3_divisors(model.config).numpy())
+    for hf_name, w in _hf_tensors(model, arch):
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        assert name is not None, hf_name
+        qtype = _TYPES[ftype] if w.dim() >= 2 else gguf.GGMLQuantizationType.F32
+        data = gguf.quants.quantize(w.contiguous().numpy().astype(np.float32), qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def _build(name: str, **overrides):
+    """CASES[name]'s model (as Case.build makes it) with config overrides, seeded."""
+    case = CASES[name]
+    config = getattr(transformers, case.config_class)(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        initializer_range=INIT,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        **(dict(case.kwargs) | overrides),
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, case.model_class)(config).eval()
+    if case.tweak is not None:
+        with torch.no_grad():
+            case.tweak(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """name -> (transformers model, safetensors directory, GGUF writer for it)."""
+    root = tmp_path_factory.mktemp("gguf")
+    tokenizer_dir = add_tokenizer(root / "tokenizer")
+    made = {}
+
+    def get(name: str, ftype: str = "F32", **kw):
+        key = (name, ftype, tuple(sorted(kw.items())))
+        if key not in made:
+            base = name.removesuffix("_plain")
+            model = _build(base, **(LLAMA_PLAIN if name == "llama_plain" else {}))
+            directory = save(model, root / f"{name}-hf")
+            path = write_gguf(model, tokenizer_dir, root / f"{name}-{ftype}.gguf", ftype=ftype, **kw)
+            made[key] = (model, directory, path)
+        return made[key]
+
+    get.tokenizer_dir = tokenizer_dir
+    return get
+
+
+def _prompt(seed: int, length: int = 24) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+MODELS = ["llama", "llama_plain", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3"]
+
+
+@pytest.mark.parametrize("ftype", ["F32", "F16", "BF16"])
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "deepseek_v3"])
+def test_tensors_equal_the_source(files, name: str, ftype: str) -> None:
+    _, directory, path = files(name, ftype)
+    ours = load_checkpoint(path, dtype=torch.float32).net.state_dict()
+    theirs = load_checkpoint(directory, dtype=torch.float32).net.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, expected in theirs.items():
+        if expected.dim() >= 2:  # matrices were stored in ftype; vectors in F32
+            expected = expected.to(_DTYPES[ftype]).float()
+        assert torch.equal(ours[key], expected), key
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_logits_and_greedy_tokens_match_transformers(files, name: str) -> None:
+    ref, _, path = files(name)
+    model = engine.load_model(path)
+    tokens = _prompt(1)
+    with torch.no_grad():
+        expected = ref(tokens[None]).logits[0]  # [T, V]
+        want = ref.generate(tokens[None], max_new_tokens=NEW_TOKENS, do_sample=False)[0, tokens.numel() :]
+    rel = (model.logits(tokens) - expected).abs().max() / expected.abs().max()
+    assert rel < 1e-4, f"{name}: relative logits error {rel:.2e}"
+    assert model.generate(tokens, max_new_tokens=NEW_TOKENS, eos_token_ids=()) == want.tolist()
+
+
+# transformers' own GGUF reader, where it maps this file's metadata fully (its qwen3 ignores
+# key_length, its qwen3_moe expert_feed_forward_length): an independent reading of the same bytes.
+@pytest.mark.parametrize("name", ["llama_plain", "qwen2"])
+def test_logits_match_transformers_own_gguf_reading(files, name: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    _, _, path = files(name)
+    config = AutoConfig.for_model(**load_gguf_checkpoint(str(path))["config"])
+    theirs = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=theirs)["tensors"]
+    missing, unexpected = theirs.load_state_dict(tensors, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # a tied head
+    tokens = _prompt(4)
+    with torch.no_grad():
+        expected = theirs(tokens[None]).logits[0]
+    rel = (engine.load_model(path).logits(tokens) - expected).abs().max() / expected.abs().max()
+    assert rel < 1e-4, f"{name}: relative logits error {rel:.2e}"
+
+
+def test_config_tokenizer_and_chat_template_come_from_the_metadata(files) -> None:
+    from transformers import AutoTokenizer
+
+    _, _, path = files("qwen3_moe", "BF16")
+    source = AutoTokenizer.from_pretrained(str(files.tokenizer_dir))
+    model = engine.load_model(path, dtype="auto")
+    assert model.net.model.embed_tokens.weight.dtype == torch.bfloat16  # "auto" is the stored type
+    assert model.config["num_experts"] == 8 and model.config["norm_topk_prob"] is True
+    assert model.eos_token_ids == (source.convert_tokens_to_ids("<|im_end|>"),)
+    assert model.prompt_ids(SENTENCE) == source.encode(SENTENCE)  # load_model gives the model its tokenizer
+    info = describe(path)  # what `moerag model info` prints
+    assert info.weight_format.startswith("gguf (BF16") and 16 <= info.bits_per_weight < 16.5
+    ours = load_tokenizer(path)
+    assert ours.encode(SENTENCE, add_special_tokens=False) == source.encode(SENTENCE, add_special_tokens=False)
+    chat = "<|im_start|>user\nhello<|im_end|>\n<think>"
+    assert ours.encode(chat, add_special_tokens=False) == source.encode(chat, add_special_tokens=False)
+    assert ours.decode(source.encode(SENTENCE)) == SENTENCE
+    assert ours.chat_template == CHAT_TEMPLATE
+    messages = [{"role": "user", "content": "hello"}]
+    assert chat_prompt(ours, messages) == chat_prompt(source, messages)
+
+
+def test_split_files_load_from_the_first(files, tmp_path) -> None:
+    model = _build("qwen3_moe")
+    write_gguf(model, files.tokenizer_dir, tmp_path / "m.gguf", split_max_tensors=10)
+    first = tmp_path / "m-00001-of-00003.gguf"
+    assert len(split_files(first)) == 3
+    tokens = _prompt(5)
+    with torch.no_grad():
+        expected = model(tokens[None]).logits[0]
+    rel = (engine.load_model(first).logits(tokens) - expected).abs().max() / expected.abs().max()
+    assert rel < 1e-4
+    with pytest.raises(CheckpointError, match="00001-of-00003"):
+        engine.load_model(tmp_path / "m-00002-of-00003.gguf")
+
+
+def test_summary_names_format_types_and_bits(files) -> None:
+    _, _, path = files("qwen3", "BF16")
+    summary = summarize(path)
+    assert summary.format == "gguf" and set(summary.tensor_types) == {"BF16", "F32"}
+    assert 16 < summary.bits_per_weight < 17  # BF16 matrices plus a few F32 norms
+    assert read_config(path)["torch_dtype"] == "bfloat16"
+
+
+def test_quantized_tensor_types_are_refused_by_name(files, tmp_path) -> None:
+    model = _build("qwen3")
+    path = tmp_path / "q8.gguf"
+    writer = gguf.GGUFWriter(path, "qwen3")
+    _metadata(writer, model, "qwen3")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, model.config.num_hidden_layers)
+    for hf_name, w in _hf_tensors(model, "qwen3"):
+        qtype = gguf.GGMLQuantizationType.Q8_0 if w.dim() >= 2 else gguf.GGMLQuantizationType.F32
+        writer.add_tensor(
+            names.get_name(hf_name, try_suffixes=(".weight", ".bias")),
+            gguf.quants.quantize(w.numpy().astype(np.float32), qtype),
+            raw_dtype=qtype,
+        )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(CheckpointError, match=r"is Q8_0.*Supported GGUF tensor types: F32, F16, BF16") as info:
+        engine.load_model(path)
+    assert "\n" not in str(info.value)
+
+
+def test_unsupported_architecture_is_named(tmp_path) -> None:
+    path = tmp_path / "g.gguf"
+    writer = gguf.GGUFWriter(path, "gemma2")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(
+        UnsupportedArchitectureError, match=r"'gemma2'.*Supported: llama, qwen2, qwen3, qwen3moe, deepseek2"
+    ):
+        engine.load_model(path)
+
+
+def test_a_gguf_quantizes_to_a_checkpoint_that_loads_directly(files, tmp_path) -> None:
+    # `moerag model quantize x.gguf DST`: the written checkpoint carries the GGUF's tokenizer and
+    # decodes exactly as the GGUF quantized while loading.
+    _, _, path = files("qwen3_moe", "F32")
+    engine.quantize_checkpoint(path, tmp_path / "q", scheme="int8")
+    written = engine.load_model(tmp_path / "q")
+    assert written.tokenizer is not None
+    assert written.prompt_ids(SENTENCE) == engine.load_model(path).prompt_ids(SENTENCE)
+    want = engine.load_model(path, quantize="int8").generate(_prompt(6), max_new_tokens=8, eos_token_ids=())
+    assert written.generate(_prompt(6), max_new_tokens=8, eos_token_ids=()) == want
