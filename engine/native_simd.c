@@ -66,12 +66,17 @@ static inline void round_i16(const float *x, float inv, int16_t *out) {
     _mm256_storeu_si256((__m256i *)out, _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
 }
 
-static inline void round_i8(const float *x, float inv, int8_t *out) {
+/* As round_i16, to int8; returns the sum of the 16 rounded values. */
+static inline int32_t round_i8(const float *x, float inv, int8_t *out) {
     __m256 s = _mm256_set1_ps(inv);
     __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x), s));
     __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + 8), s));
     __m256i h = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8); /* 16 x int16 in order */
     _mm_storeu_si128((__m128i *)out, _mm_packs_epi16(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
+    __m256i ab = _mm256_add_epi32(a, b);
+    __m128i q = _mm_add_epi32(_mm256_castsi256_si128(ab), _mm256_extracti128_si256(ab, 1));
+    q = _mm_add_epi32(q, _mm_shuffle_epi32(q, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(q, _mm_shuffle_epi32(q, 0xB1)));
 }
 
 /* Activation preparation: *_act_bytes_avx2 bytes of a->mem hold the prepared row. */
@@ -123,8 +128,11 @@ static inline int64_t q8_pos(int64_t c, int64_t j, int64_t chunks) {
     return 64 * (c / 2) + (j / 16) * 32 + (c % 2) * 16 + (j % 16);
 }
 
-/* int4: qs [K/G] the scale of each group, sum [K/G] the sum of x over each group, then q8 [K]
- * int8 with chunk pairs interleaved (q8_pos). */
+/* int4: qs [K/G] the scale of each group, sum [K/G] the sum of the rounded x over each group,
+ * then q8 [K] int8 with chunk pairs interleaved (q8_pos). The zero-point term (z - 8 s) sum(x)
+ * takes the rounded x, as the products do: then each group computes sum((q - 8) s + z) x^, and
+ * the rounding errors meet weights centred on 0. With the exact sum they met q in 0..15 instead
+ * (sum q s x^ - 8 s sum x): measured on random int4 rows, twice the output error (1.0 % vs 0.5 %). */
 static size_t int4_act_bytes_avx2(int64_t k, int64_t group) {
     return (size_t)k + sizeof(float) * (size_t)(2 * (k / group));
 }
@@ -136,12 +144,13 @@ static void int4_prepare_avx2(Act *a, const float *x, int64_t k, int64_t group) 
     int64_t chunks = k / 32;
     for (int64_t g = 0; g < k / group; g++) { /* one int8 scale per weight group */
         const float *xg = x + g * group;
-        float sum, amax = absmax(xg, group, &sum);
+        float amax = absmax(xg, group, NULL);
         float inv = amax > 0.f ? 127.f / amax : 0.f;
         a->qs[g] = amax / 127.f;
-        a->sum[g] = sum;
+        int32_t rounded = 0; /* at most 256 * 127 */
         for (int64_t j = 0; j < group; j += 16) /* 16 consecutive values stay together */
-            round_i8(xg + j, inv, a->q8 + q8_pos((g * group + j) / 32, j % 32, chunks));
+            rounded += round_i8(xg + j, inv, a->q8 + q8_pos((g * group + j) / 32, j % 32, chunks));
+        a->sum[g] = (float)rounded * a->qs[g];
     }
 }
 

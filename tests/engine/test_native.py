@@ -76,12 +76,9 @@ def expected(
     """x [M, K] @ W^T as the kernel defines it, in plain torch (`block`: fp8's)."""
     if simd and w.dtype == torch.int8:
         return _round_chunks(x, 32767) @ dequantize_reference(w, scale).T
-    if simd and w.dtype == torch.uint8:  # sum q * s over int8 activations (per group), + (zero - 8 s) * exact sums
-        s, z = scale[..., 0].float(), scale[..., 1].float()  # [N, G]
-        group = w.shape[-1] * 2 // s.shape[-1]
-        qs = unpack_int4(w).float() * s.repeat_interleave(group, dim=-1)  # [N, K]
-        sums = x.reshape(x.shape[0], -1, group).sum(-1)  # [M, G]
-        return _round_chunks(x, 127, group) @ qs.T + sums @ (z - 8 * s).T
+    if simd and w.dtype == torch.uint8:  # activations rounded to int8 per weight group, zero term included
+        group = w.shape[-1] * 2 // scale.shape[-2]
+        return _round_chunks(x, 127, group) @ dequantize_reference(w, scale).T
     return x @ dequantize_reference(w, scale, block).T
 
 
