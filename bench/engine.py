@@ -90,36 +90,39 @@ def memory_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> tuple[float, fl
 def gemv_rates(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
     """Bytes/s of weights our decode product (native.gemv, one token, torch's threads) streams from
     memory, per weight format, best of `repeats`: the ceiling decode can reach with that kernel
-    (how much of the gap to the memory bandwidth is the kernel's, how much the rest of a token's)."""
+    (how much of the gap to the memory bandwidth is the kernel's, how much the rest of a token's).
+    GGUF block types are timed on random blocks (bytes below 64: every fp16 scale a normal number)."""
     from engine import native
-    from kernels.formats import quantize_fp8, quantize_int4, quantize_int8
+    from kernels.formats import GGUF_FORMATS, quantize_fp8, quantize_int4, quantize_int8
 
     if not native.available():
         return {}
     k = 4096
     rates = {}
-    formats = (("fp32", 4.0), ("bf16", 2.0), ("int8", 1.0), ("int4 g128", 0.5 + 4 / 128), ("fp8 b128", 1 + 4 / 128))
+    formats = [("fp32", 4.0), ("bf16", 2.0), ("int8", 1.0), ("int4 g128", 0.5 + 4 / 128), ("fp8 b128", 1 + 4 / 128)]
+    formats += [(name, f.block_bytes / f.block) for name, f in GGUF_FORMATS.items()]
     for name, per_weight in formats:
-        group = None
+        group, fmt, scale = None, GGUF_FORMATS.get(name), None
         n = int(nbytes / per_weight / k) // 64 * 64
-        w = torch.randn(n, k) * 0.02
+        if fmt is not None:
+            w = torch.randint(0, 64, fmt.stored_shape((n, k)), dtype=torch.uint8)
+        else:
+            w = torch.randn(n, k) * 0.02
         if name == "bf16":
-            w, scale = w.to(torch.bfloat16), None
+            w = w.to(torch.bfloat16)
         elif name == "int8":
             w, scale = quantize_int8(w)
         elif name == "int4 g128":
             w, scale = quantize_int4(w, 128)
         elif name == "fp8 b128":  # scales per row and block of 128 inputs, as the loader stores them
             (w, scale), group = quantize_fp8(w, 128), 128
-        else:
-            scale = None
         size = w.nbytes + (scale.nbytes if scale is not None else 0)
         x = torch.randn(1, k)
-        native.gemv(x, w, scale, group=group)  # warm: build the library, fault the pages in
+        native.gemv(x, w, scale, group=group, fmt=fmt)  # warm: build the library, fault the pages in
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
-            native.gemv(x, w, scale, group=group)
+            native.gemv(x, w, scale, group=group, fmt=fmt)
             best = min(best, time.perf_counter() - start)
         rates[name] = size / best
         del w, scale

@@ -3,8 +3,9 @@
 The metadata becomes a Hugging Face config dict (one builder per llama.cpp architecture the
 engine implements), GGUF tensor names become the loader's module names, and `GGUFTensors` reads
 one file the way engine.tensorfile.TensorFile reads a shard (names, shape, read_into, close), so
-the loader fills the model layer by layer from it. F32, F16 and BF16 tensors load; quantized
-block types (Q8_0, Q4_0, K-quants, ...) are refused by name until the engine has formats for them.
+the loader fills the model layer by layer from it. F32, F16 and BF16 tensors load as floats; the
+block types of kernels/formats.py (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) stay blocks in the modules that
+read them (engine/ggml_quants.py) and are widened to floats elsewhere; other types are refused by name.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from engine.errors import CheckpointError, UnsupportedArchitectureError
 from engine.tensorfile import CHUNK_BYTES
+from kernels.formats import GGUF_FORMATS, Format, dequantize
 
 _SPLIT = re.compile(r"(?P<stem>.*)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
 # Vocabulary-sized arrays: only the tokenizer reads them, through transformers.
@@ -98,11 +100,19 @@ def _open(path: Path) -> tuple[dict[str, Any], list[_Tensor]]:
 
 
 def _check_types(path: Path, tensors: list[_Tensor]) -> None:
+    """Refuse a tensor type the engine cannot read, or a block tensor whose rows are not whole blocks."""
     for t in tensors:
-        if t.type not in _FLOAT_TYPES:
+        if t.type not in _FLOAT_TYPES and t.type not in GGUF_FORMATS:
             raise CheckpointError(
-                f"{path.name}: tensor {t.name} is {t.type}, which the engine cannot load yet. Supported GGUF tensor "
-                f"types: {', '.join(_FLOAT_TYPES)}; convert with llama.cpp's convert_hf_to_gguf.py --outtype bf16."
+                f"{path.name}: tensor {t.name} is {t.type}, which the engine cannot load. Supported GGUF tensor "
+                f"types: {', '.join([*_FLOAT_TYPES, *GGUF_FORMATS])}; requantize with llama.cpp's llama-quantize "
+                "(e.g. Q4_K_M) or convert with convert_hf_to_gguf.py --outtype bf16."
+            )
+        fmt = GGUF_FORMATS.get(t.type)
+        if fmt is not None and (not t.shape or t.shape[-1] % fmt.block):
+            raise CheckpointError(
+                f"{path.name}: tensor {t.name} is {t.type} with rows of {t.shape[-1] if t.shape else 0} values, "
+                f"not a multiple of its block of {fmt.block}; the file is damaged or from a newer llama.cpp."
             )
 
 
@@ -465,12 +475,20 @@ def _entries(tensors: list[_Tensor], config: dict[str, Any]) -> dict[str, _Entry
     return entries
 
 
-def _read_whole(t: _Tensor) -> torch.Tensor:
-    """A stored float tensor as a fresh CPU tensor (for small ones and combined pieces)."""
-    out = torch.empty(t.shape, dtype=_FLOAT_TYPES[t.type])
+def _stored_shape(t: _Tensor) -> tuple[int, ...]:
+    """A tensor's shape as read raw: its own for floats, [.., N, K / block * bytes] for blocks."""
+    fmt = GGUF_FORMATS.get(t.type)
+    return t.shape if fmt is None else fmt.stored_shape(t.shape)
+
+
+def _read_whole(t: _Tensor, *, raw: bool = False) -> torch.Tensor:
+    """A stored tensor as a fresh CPU tensor (for small ones and combined pieces): a block tensor as
+    its raw uint8 blocks with `raw`, else widened to fp32."""
+    fmt = GGUF_FORMATS.get(t.type)
+    out = torch.empty(_stored_shape(t), dtype=torch.uint8 if fmt else _FLOAT_TYPES[t.type])
     with open(t.path, "rb") as f:
         _read(f, t, 0, t.nbytes, out)
-    return out
+    return out if fmt is None or raw else dequantize(out, None, fmt=fmt)
 
 
 def _read(f: BinaryIO, t: _Tensor, start: int, end: int, out: torch.Tensor) -> None:
@@ -495,13 +513,30 @@ class GGUFTensors:
         self._entries = _entries(tensors, config)
         self._file: BinaryIO = open(path, "rb")  # noqa: SIM115 - closed by close()
         self._scratch: torch.Tensor | None = None
+        self._raw: set[str] = set()  # block tensors served as their blocks (see keep_blocks)
 
     @property
     def names(self) -> list[str]:
         return list(self._entries)
 
+    @property
+    def formats(self) -> dict[str, Format]:
+        """The tensors stored in GGUF blocks that a module could keep as they are: name -> format.
+        (DeepSeek's kv_b, merged from two transposed halves, is widened instead.)"""
+        return {
+            name: GGUF_FORMATS[entry.parts[0].type]
+            for name, entry in self._entries.items()
+            if entry.parts[0].type in GGUF_FORMATS and entry.combine is not _merge_kv_b
+        }
+
+    def keep_blocks(self, names: set[str]) -> None:
+        """Serve these block tensors raw from now on: `shape` and `read_into` give their blocks
+        [.., N, K / block * bytes] uint8 (the modules that hold them are GGUF ones)."""
+        self._raw = names & set(self.formats)
+
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._entries[name].shape
+        entry = self._entries[name]
+        return GGUF_FORMATS[entry.parts[0].type].stored_shape(entry.shape) if name in self._raw else entry.shape
 
     def read_into(self, name: str, dst: torch.Tensor) -> None:
         """Copy tensor `name` into `dst` (same shape, any float dtype, on the CPU).
@@ -509,12 +544,15 @@ class GGUFTensors:
         A plain tensor streams in slices of rows through one reused scratch buffer of at most
         CHUNK_BYTES; a combined one (llama Q/K, DeepSeek kv_b) is read whole, then rearranged.
         """
-        entry = self._entries[name]
-        if entry.combine is not None:
-            dst.copy_(entry.combine(*(_read_whole(part) for part in entry.parts)))
+        entry, raw = self._entries[name], name in self._raw
+        if entry.combine is not None:  # llama's row order is undone on raw blocks as on floats: rows stay whole
+            dst.copy_(entry.combine(*(_read_whole(part, raw=raw) for part in entry.parts)))
             return
         t = entry.parts[0]
-        dtype = _FLOAT_TYPES[t.type]
+        if t.type in GGUF_FORMATS and not raw:  # blocks a float module holds (the embedding): widened whole
+            dst.copy_(_read_whole(t))
+            return
+        dtype = torch.uint8 if raw else _FLOAT_TYPES[t.type]
         if dtype == dst.dtype and dst.is_contiguous():
             _read(self._file, t, 0, t.nbytes, dst)
             return
@@ -528,7 +566,7 @@ class GGUFTensors:
             n = min(step, rows - begin)
             part = self._scratch[: n * row_bytes]
             _read(self._file, t, begin * row_bytes, (begin + n) * row_bytes, part)
-            flat[begin : begin + n].copy_(part.view(dtype).view(n, *t.shape[1:]))
+            flat[begin : begin + n].copy_(part.view(dtype).view(n, *_stored_shape(t)[1:]))
 
     def close(self) -> None:
         self._file.close()

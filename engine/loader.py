@@ -39,6 +39,7 @@ from engine.errors import (
     UnsupportedArchitectureError,
 )
 from engine.fp8 import SCALE_SUFFIX, Fp8Blocks, checkpoint_fp8, make_fp8
+from engine.ggml_quants import make_gguf
 from engine.models import ARCHITECTURES, Architecture
 from engine.quantization import check_scheme, quantize_modules
 from engine.tensorfile import TensorFile
@@ -373,6 +374,18 @@ def _freed_memory_returned() -> Iterator[None]:
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
+def _keep_gguf_blocks(net: nn.Module, arch: Architecture, dtype: torch.dtype, files: list[gguf.GGUFTensors]) -> None:
+    """Make the modules whose weights a GGUF stores in blocks GGUF modules (on meta, float dtypes
+    set first), and have the files serve those tensors as raw blocks."""
+    renames = [(re.compile(p), r) for p, r in arch.renames]
+    formats = {_rename(renames, n): fmt for f in files for n, fmt in f.formats.items()}
+    _materialize(net, dtype, torch.device("meta"), arch.keep_fp32)
+    kept = make_gguf(net, formats)
+    for f in files:
+        f.keep_blocks({n for n in f.formats if _rename(renames, n) in kept})
+    log.info("%d GGUF block tensors stay quantized", len(kept))
+
+
 def load_checkpoint(
     path_or_id: str | Path,
     *,
@@ -417,6 +430,8 @@ def _load(
             renames = [(re.compile(p), r) for p, r in arch.renames]
             scaled = [_rename(renames, n) for f in files for n in f.names if n.endswith(SCALE_SUFFIX)]
             log.info("%d modules stay fp8 (blocks %d x %d)", make_fp8(net, scaled, fp8.inputs), fp8.rows, fp8.inputs)
+        if quantization is None and any(isinstance(f, gguf.GGUFTensors) and f.formats for f in files):
+            _keep_gguf_blocks(net, arch, dtype, [f for f in files if isinstance(f, gguf.GGUFTensors)])
         filler = _Filler(net, arch, args, tied=bool(config.get("tie_word_embeddings", False)), fp8=fp8)
         groups: dict[int | None, list[tuple[TensorFile, str]]] = {}  # decoder layer -> its tensors
         for f in files:

@@ -1,4 +1,4 @@
-/* moerag's CPU kernels for decode: small-M products with float, int8, int4 and fp8 weights, and the
+/* moerag's CPU kernels for decode: small-M products with float, int8, int4, fp8 and GGUF block weights, and the
  * whole mixture-of-experts step of a few tokens in one call.
  *
  * Why C: at decode every weight is read once per token, so the step is bound by memory
@@ -24,6 +24,8 @@
  *         and weight 16 + j in its high nibble. G (the group) is a multiple of 32.
  *   fp8   uint8[N][K] (float8_e4m3fn bit patterns), scale float[N][ceil(K/B)]   w = q * scale[n][k / B]
  *         B (passed as the group) is any block size; a row's last block may be partial.
+ *   q8_0, q4_0, q4_k, q5_k, q6_k   uint8[N][K / block * bytes]: GGUF blocks (ggml's layouts) with
+ *         their fp16 scales inside; no scale tensor.
  * Activations are fp32; each format may prepare them for its kernels (the SIMD build rounds
  * them for the integer ones, see native_simd.c). The sum over the TOPK slots is fp32.
  */
@@ -86,7 +88,7 @@ typedef struct {
  * Adding a format is one row of FORMATS, at its code from native.h, plus its kernels. */
 struct Format {
     const char *name;           /* Format.name in kernels/formats.py */
-    int bits;                   /* stored bits per weight */
+    int block, block_bytes;     /* a weight row is K / block blocks of block_bytes bytes */
     int scale_row, scale_group; /* bytes of scales per row: scale_row + scale_group * ceil(K / G) */
     void (*dequantize)(const Weights *m, int64_t row, float *out);      /* row -> fp32 [K] */
     size_t (*act_bytes)(int64_t k, int64_t group);                      /* a prepared row's scratch */
@@ -99,27 +101,27 @@ struct Format {
 
 static const Format FORMATS[MOERAG_FORMATS] = {
     [MOERAG_FP32] = {
-        .name = "fp32", .bits = 32,
+        .name = "fp32", .block = 1, .block_bytes = 4,
         .dequantize = fp32_dequantize_generic,
         .dot = PICK(fp32_dot_avx2, fp32_dot_generic),
         .together = PICK(fp32_together_avx2, NULL), .rows = PICK(fp32_rows_avx2, NULL),
     },
     [MOERAG_BF16] = {
-        .name = "bf16", .bits = 16,
+        .name = "bf16", .block = 1, .block_bytes = 2,
         .dequantize = bf16_dequantize_generic,
         .act_bytes = PICK(bf16_act_bytes_avx2, NULL), .prepare = PICK(bf16_prepare_avx2, NULL),
         .dot = PICK(bf16_dot_avx2, bf16_dot_generic),
         .together = PICK(bf16_together_avx2, NULL), .rows = PICK(bf16_rows_avx2, NULL),
     },
     [MOERAG_INT8] = {
-        .name = "int8", .bits = 8, .scale_row = 4,
+        .name = "int8", .block = 1, .block_bytes = 1, .scale_row = 4,
         .dequantize = int8_dequantize_generic,
         .act_bytes = PICK(int8_act_bytes_avx2, NULL), .prepare = PICK(int8_prepare_avx2, NULL),
         .dot = PICK(int8_dot_avx2, int8_dot_generic),
         .together = PICK(int8_together_avx2, NULL), .rows = PICK(int8_rows_avx2, NULL),
     },
     [MOERAG_INT4] = {
-        .name = "int4", .bits = 4, .scale_group = 4,
+        .name = "int4", .block = 2, .block_bytes = 1, .scale_group = 4,
         .dequantize = int4_dequantize_generic,
         .act_bytes = PICK(int4_act_bytes_avx2, int4_act_bytes_generic),
         .prepare = PICK(int4_prepare_avx2, int4_prepare_generic),
@@ -127,10 +129,35 @@ static const Format FORMATS[MOERAG_FORMATS] = {
         .together = PICK(int4_together_avx2, NULL), .rows = PICK(int4_rows_avx2, NULL),
     },
     [MOERAG_FP8] = {
-        .name = "fp8", .bits = 8, .scale_group = 4,
+        .name = "fp8", .block = 1, .block_bytes = 1, .scale_group = 4,
         .dequantize = fp8_dequantize_generic,
         .dot = PICK(fp8_dot_avx2, fp8_dot_generic),
         .together = PICK(fp8_together_avx2, NULL), .rows = PICK(fp8_rows_avx2, NULL),
+    },
+    [MOERAG_Q8_0] = {
+        .name = "q8_0", .block = 32, .block_bytes = 34,
+        .dequantize = q8_0_dequantize_generic,
+        .dot = PICK(q8_0_dot_avx2, q8_0_dot_generic),
+    },
+    [MOERAG_Q4_K] = {
+        .name = "q4_k", .block = 256, .block_bytes = 144,
+        .dequantize = q4_k_dequantize_generic,
+        .dot = PICK(q4_k_dot_avx2, q4_k_dot_generic),
+    },
+    [MOERAG_Q6_K] = {
+        .name = "q6_k", .block = 256, .block_bytes = 210,
+        .dequantize = q6_k_dequantize_generic,
+        .dot = PICK(q6_k_dot_avx2, q6_k_dot_generic),
+    },
+    [MOERAG_Q4_0] = {
+        .name = "q4_0", .block = 32, .block_bytes = 18,
+        .dequantize = q4_0_dequantize_generic,
+        .dot = PICK(q4_0_dot_avx2, q4_0_dot_generic),
+    },
+    [MOERAG_Q5_K] = {
+        .name = "q5_k", .block = 256, .block_bytes = 176,
+        .dequantize = q5_k_dequantize_generic,
+        .dot = PICK(q5_k_dot_avx2, q5_k_dot_generic),
     },
 };
 
@@ -199,7 +226,9 @@ static Weights as_weights(const Format *f, int64_t k, int64_t group, const void 
 }
 
 /* Bytes of an [N, K] weight, and of its scales: the stride between experts. */
-static inline size_t weight_bytes(const Format *f, int64_t n, int64_t k) { return (size_t)(n * k) * f->bits / 8; }
+static inline size_t weight_bytes(const Format *f, int64_t n, int64_t k) {
+    return (size_t)n * (size_t)(k / f->block) * (size_t)f->block_bytes;
+}
 
 static inline size_t scale_bytes(const Format *f, int64_t n, int64_t k, int64_t group) {
     return (size_t)n * (size_t)(f->scale_row + f->scale_group * ((k + group - 1) / group));

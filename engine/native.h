@@ -20,7 +20,11 @@
 
 /* The weight formats: each code is Format.code in kernels/formats.py and the format's row in
  * native.c's table. */
-enum { MOERAG_FP32 = 0, MOERAG_BF16 = 1, MOERAG_INT8 = 2, MOERAG_INT4 = 3, MOERAG_FP8 = 4, MOERAG_FORMATS };
+enum {
+    MOERAG_FP32 = 0, MOERAG_BF16 = 1, MOERAG_INT8 = 2, MOERAG_INT4 = 3, MOERAG_FP8 = 4,
+    MOERAG_Q8_0 = 5, MOERAG_Q4_K = 6, MOERAG_Q6_K = 7, MOERAG_Q4_0 = 8, MOERAG_Q5_K = 9, /* GGUF blocks */
+    MOERAG_FORMATS
+};
 
 /* What the kernels that allocate scratch memory return. After MOERAG_NO_MEMORY the outputs are
  * unspecified (moerag_blocks may have written some blocks' caches and updated x). */
@@ -28,7 +32,7 @@ enum { MOERAG_OK = 0, MOERAG_NO_MEMORY = 1 };
 
 /* One projection (of the attention block, or a router): weight layout, shapes, pointers. */
 typedef struct {
-    int64_t fmt, n, k, group; /* format code, N outputs, K inputs, int4 group or fp8 block (32 for the others) */
+    int64_t fmt, n, k, group; /* format code, N outputs, K inputs, int4 group, fp8 or GGUF block (32 for the others) */
     const void *w, *scale;    /* the weight [N, ..] and its scales (NULL when unscaled) */
     const float *bias;        /* [N] or NULL */
 } Proj;

@@ -3,8 +3,9 @@
 Shapes: M rows of activations, N outputs, K inputs; T tokens, K_ experts per token, H hidden,
 I expert width. Weights: fp32 / bf16 [N, K]; int8 [N, K] with fp32 scales [N]; int4 packed
 [N, K/2] uint8 with bf16 (scale, zero) [N, K/G, 2]; fp8 [N, K] with fp32 scales [N, ceil(K/B)]
-(kernels/formats.py). fp8's input block B is not in its shapes: every function that takes a
-weight takes it as `group`. Everything else is torch.
+and GGUF blocks [N, K / block * bytes] uint8 (kernels/formats.py). fp8's input block B is not in
+its shapes, nor is a GGUF block type in its dtype: every function that takes a weight takes them as
+`group` and `fmt` (None: from the shapes and the dtype). Everything else is torch.
 
 The library is cached under ~/.cache/moerag/native, keyed by the sources, the compiler and the
 CPU's flags (it is built with -march=native). Without a compiler, or with MOERAG_NATIVE=0, the
@@ -219,15 +220,17 @@ def available() -> bool:
     return library() is not None
 
 
-def supports(w: torch.Tensor) -> bool:
+def supports(w: torch.Tensor, fmt: Format | None = None) -> bool:
     """Whether the kernels read this weight (fp16 and others fall back to torch)."""
-    return format_of(w) is not None and w.device.type == "cpu" and w.is_contiguous()
+    return format_of(w, fmt) is not None and w.device.type == "cpu" and w.is_contiguous()
 
 
-def layout(w: torch.Tensor, scale: torch.Tensor | None, group: int | None = None) -> tuple[int, int, int]:
-    """(format code, K inputs, int4 group or fp8 block) of a weight [.., N, K or K/2] (kernels/formats.py);
-    `group` is fp8's block, which its shapes do not hold."""
-    fmt = format_of(w)
+def layout(
+    w: torch.Tensor, scale: torch.Tensor | None, group: int | None = None, fmt: Format | None = None
+) -> tuple[int, int, int]:
+    """(format code, K inputs, int4 group or fp8 / GGUF block) of a weight [.., N, stored K] (kernels/formats.py);
+    `group` is fp8's block, which its shapes do not hold, `fmt` the layout its dtype does not say."""
+    fmt = format_of(w, fmt)
     return fmt.code, fmt.inputs(w), fmt.group(w, scale) if group is None else group
 
 
@@ -242,11 +245,12 @@ def gemv(
     scale: torch.Tensor | None = None,
     *,
     group: int | None = None,
+    fmt: Format | None = None,
     lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """x [M, K] fp32 @ W^T -> [M, N] fp32, for small M (decode): each weight row is read once."""
     lib = lib or library()
-    fmt, k, group = layout(w, scale, group)
+    fmt, k, group = layout(w, scale, group, fmt)
     x = x.contiguous()
     y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)  # [M, N]
     status = lib.moerag_gemv(
@@ -266,11 +270,13 @@ def moe(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     group: int | None = None,
+    fmt: Format | None = None,
     lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [T, H] fp32, in one call (decode)."""
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [T, H] fp32, in one call (decode); w13 and
+    w2 in one format (`fmt`)."""
     lib = lib or library()
-    fmt, hidden, group = layout(w13, w13_scale, group)
+    fmt, hidden, group = layout(w13, w13_scale, group, fmt)
     inter = w13.shape[1] // 2
     x, ids = x.float().contiguous(), ids.to(torch.int64).contiguous()
     weights = weights.float().contiguous()
@@ -284,11 +290,16 @@ def moe(
 
 
 def dequantize(
-    w: torch.Tensor, scale: torch.Tensor | None = None, *, group: int | None = None, lib: ctypes.CDLL | None = None
+    w: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    *,
+    group: int | None = None,
+    fmt: Format | None = None,
+    lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
     """W as fp32 [N, K], for products with many rows (prefill), which torch's GEMM then runs."""
     lib = lib or library()
-    fmt, k, group = layout(w, scale, group)
+    fmt, k, group = layout(w, scale, group, fmt)
     out = torch.empty((w.shape[0], k), dtype=torch.float32)
     lib.moerag_dequantize(fmt, w.shape[0], k, group, w.data_ptr(), address(scale), out.data_ptr())
     return out
@@ -304,11 +315,11 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, lib: ctypes.CD
 
 
 def projections(layers: list[tuple]) -> tuple[ctypes.Array, list]:
-    """(weight, scale, bias) or (weight, scale, bias, fp8 block) per projection -> (a Proj array, the
+    """(weight, scale, bias), optionally + (fp8 block, format) per projection -> (a Proj array, the
     tensors it points into, to keep alive)."""
     keep, array = [], (Proj * len(layers))()
-    for slot, (w, scale, bias, *group) in zip(array, layers, strict=True):
-        fmt, k, group = layout(w, scale, *group)
+    for slot, (w, scale, bias, *extra) in zip(array, layers, strict=True):
+        fmt, k, group = layout(w, scale, *extra)
         bias32 = None if bias is None else bias.float().contiguous()
         keep += [w, scale, bias32]
         slot.fmt, slot.n, slot.k, slot.group = fmt, w.shape[0], k, group

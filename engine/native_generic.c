@@ -25,6 +25,22 @@ static inline float fp8_to_f32(uint8_t b) {
     return b & 0x80 ? -f : f;
 }
 
+/* An fp16 bit pattern as fp32, exactly, the same way: 2^112 moves the bias from 127 to 15.
+ * Infinities and NaNs read as large finite numbers: GGUF scales hold none. */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)(h & 0x7fff) << 13;
+    float f;
+    memcpy(&f, &u, 4);
+    f *= 0x1p112f;
+    return h & 0x8000 ? -f : f;
+}
+
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return f16_to_f32(h);
+}
+
 static inline int64_t fp8_blocks(int64_t k, int64_t block) { return (k + block - 1) / block; }
 
 /* sum of x[i]^2 over n values */
@@ -173,3 +189,134 @@ static void fp8_dequantize_generic(const Weights *m, int64_t row, float *out) {
     const float *s = (const float *)m->scale + row * fp8_blocks(k, block);
     for (int64_t i = 0; i < k; i++) out[i] = fp8_to_f32(q[i]) * s[i / block];
 }
+
+/* GGUF blocks (ggml's layouts, see kernels/formats.py): one block -> fp32 out[block]. */
+
+static void q8_0_block(const uint8_t *b, float *out) {
+    float d = f16_at(b);
+    for (int i = 0; i < 32; i++) out[i] = d * (float)(int8_t)b[2 + i];
+}
+
+static void q4_0_block(const uint8_t *b, float *out) {
+    float d = f16_at(b);
+    for (int j = 0; j < 16; j++) {
+        out[j] = d * (float)((b[2 + j] & 15) - 8);
+        out[16 + j] = d * (float)((b[2 + j] >> 4) - 8);
+    }
+}
+
+/* Sub-block s's 6-bit scale and min from q4_k / q5_k's 12 scale bytes. */
+static inline void k_scale_min(const uint8_t *q, int s, float *scale, float *min) {
+    if (s < 4) {
+        *scale = (float)(q[s] & 63);
+        *min = (float)(q[s + 4] & 63);
+    } else {
+        *scale = (float)((q[s + 4] & 15) | ((q[s - 4] >> 6) << 4));
+        *min = (float)((q[s + 4] >> 4) | ((q[s] >> 6) << 4));
+    }
+}
+
+/* q4_k and q5_k (qh NULL for q4_k): 4 chunks of 32 qs bytes, sub-blocks 2c (low nibbles) and
+ * 2c + 1 (high), w = d sc q - dmin m with q5_k's fifth bit (bit s of qh[l]) adding 16. */
+static inline void k_block(const uint8_t *b, const uint8_t *qh, const uint8_t *qs, float *out) {
+    float d = f16_at(b), dmin = f16_at(b + 2);
+    for (int c = 0; c < 4; c++) {
+        for (int half = 0; half < 2; half++) {
+            int s = 2 * c + half;
+            float sc, m;
+            k_scale_min(b + 4, s, &sc, &m);
+            float scale = d * sc, offset = dmin * m;
+            for (int l = 0; l < 32; l++) {
+                int q = half ? qs[32 * c + l] >> 4 : qs[32 * c + l] & 15;
+                if (qh) q += ((qh[l] >> s) & 1) << 4;
+                out[32 * s + l] = scale * (float)q - offset;
+            }
+        }
+    }
+}
+
+static void q4_k_block(const uint8_t *b, float *out) { k_block(b, NULL, b + 16, out); }
+
+static void q5_k_block(const uint8_t *b, float *out) { k_block(b, b + 16, b + 48, out); }
+
+static void q6_k_block(const uint8_t *b, float *out) {
+    const int8_t *sc = (const int8_t *)(b + 192);
+    float d = f16_at(b + 208);
+    for (int half = 0; half < 2; half++) {
+        const uint8_t *ql = b + 64 * half, *qh = b + 128 + 32 * half;
+        float *y = out + 128 * half;
+        for (int l = 0; l < 32; l++) {
+            int q[4] = {(ql[l] & 15) | ((qh[l] & 3) << 4), (ql[32 + l] & 15) | (((qh[l] >> 2) & 3) << 4),
+                        (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4), (ql[32 + l] >> 4) | (((qh[l] >> 6) & 3) << 4)};
+            for (int i = 0; i < 4; i++) /* one scale per 16 inputs of the block */
+                y[32 * i + l] = d * (float)sc[(128 * half + 32 * i + l) / 16] * (float)(q[i] - 32);
+        }
+    }
+}
+
+typedef void (*BlockFn)(const uint8_t *b, float *out);
+
+/* A GGUF row: K / block blocks of `bytes` each, the scales inside (no separate scale tensor). */
+static inline const uint8_t *block_row(const Weights *m, int64_t row, int block, int bytes) {
+    return (const uint8_t *)m->w + row * (m->k / block) * bytes;
+}
+
+/* One row . a: each block widened to fp32 on the stack, then its dot with the activations. */
+static inline float blocks_dot(const Weights *m, int64_t row, const Act *a, int block, int bytes, BlockFn widen) {
+    const uint8_t *q = block_row(m, row, block, bytes);
+    float w[256], total = 0.f;
+    for (int64_t b = 0; b < m->k / block; b++) {
+        widen(q + b * bytes, w);
+        const float *x = a->f + b * block;
+        float part = 0.f;
+        for (int i = 0; i < block; i++) part += w[i] * x[i];
+        total += part;
+    }
+    return total;
+}
+
+static inline void blocks_dequantize(const Weights *m, int64_t row, float *out, int block, int bytes, BlockFn widen) {
+    const uint8_t *q = block_row(m, row, block, bytes);
+    for (int64_t b = 0; b < m->k / block; b++) widen(q + b * bytes, out + b * block);
+}
+
+TWIN float q8_0_dot_generic(const Weights *m, int64_t row, const Act *a) {
+    return blocks_dot(m, row, a, 32, 34, q8_0_block);
+}
+
+TWIN float q4_0_dot_generic(const Weights *m, int64_t row, const Act *a) {
+    return blocks_dot(m, row, a, 32, 18, q4_0_block);
+}
+
+TWIN float q4_k_dot_generic(const Weights *m, int64_t row, const Act *a) {
+    return blocks_dot(m, row, a, 256, 144, q4_k_block);
+}
+
+TWIN float q5_k_dot_generic(const Weights *m, int64_t row, const Act *a) {
+    return blocks_dot(m, row, a, 256, 176, q5_k_block);
+}
+
+TWIN float q6_k_dot_generic(const Weights *m, int64_t row, const Act *a) {
+    return blocks_dot(m, row, a, 256, 210, q6_k_block);
+}
+
+static void q8_0_dequantize_generic(const Weights *m, int64_t row, float *out) {
+    blocks_dequantize(m, row, out, 32, 34, q8_0_block);
+}
+
+static void q4_0_dequantize_generic(const Weights *m, int64_t row, float *out) {
+    blocks_dequantize(m, row, out, 32, 18, q4_0_block);
+}
+
+static void q4_k_dequantize_generic(const Weights *m, int64_t row, float *out) {
+    blocks_dequantize(m, row, out, 256, 144, q4_k_block);
+}
+
+static void q5_k_dequantize_generic(const Weights *m, int64_t row, float *out) {
+    blocks_dequantize(m, row, out, 256, 176, q5_k_block);
+}
+
+static void q6_k_dequantize_generic(const Weights *m, int64_t row, float *out) {
+    blocks_dequantize(m, row, out, 256, 210, q6_k_block);
+}
+

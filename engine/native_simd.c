@@ -5,7 +5,8 @@
  * weights (~0.002 % error, as exact as weight-only int8), and to int8 per weight group for int4
  * ones (as llama.cpp's Q8_0: ~0.4 % error per element, far below int4's own), so the inner
  * products run on integer SIMD. Rows are read ROWS at a time where the shapes allow
- * (*_together_avx2), one at a time otherwise.
+ * (*_together_avx2), one at a time otherwise. fp8 and the GGUF block types meet fp32 activations
+ * unrounded, one row at a time.
  *
  * Included by native.c (when MOERAG_AVX2), after native_generic.c; not compiled on its own.
  */
@@ -303,6 +304,127 @@ static float fp8_dot_avx2(const Weights *m, int64_t row, const Act *a) {
         tail += rest * s[b];
     }
     return hsum8(acc) + tail;
+}
+
+/* q8_0 weights meet the fp32 activations as they are, like fp8: each group of 8 inputs of a block
+ * on its own accumulator (one chain of dependent FMAs would cap the kernel at 8 weights per FMA
+ * latency, ~2x under the memory's rate on 2 cores). */
+static float q8_0_dot_avx2(const Weights *m, int64_t row, const Act *a) {
+    const uint8_t *q = (const uint8_t *)m->w + row * (m->k / 32) * 34;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < m->k / 32; b++, q += 34) {
+        _mm_prefetch((const char *)q + AHEAD, _MM_HINT_T0);
+        __m256 d = _mm256_set1_ps(f16_at(q));
+        for (int j = 0; j < 4; j++) {
+            __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 2 + 8 * j))));
+            acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(w, d), _mm256_loadu_ps(a->f + 32 * b + 8 * j), acc[j]);
+        }
+    }
+    return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+/* The other GGUF block types widen their weights in registers and meet the fp32 activations
+ * unrounded too: w = scale * q - offset, 8 at a time, where scale and offset are a sub-block's. */
+
+/* acc[i] += (scale * q - offset) * x over lanes 8i..8i+7 of the 32 bytes of v (q 0..63); lanes
+ * 0-15 take scale and offset a, lanes 16-31 b (q6_k's sub-blocks are 16 wide). Four accumulators:
+ * independent FMA chains (see q8_0_dot_avx2). */
+static inline void u8x32_fma(__m256i v, const float *x, float sa, float oa, float sb, float ob, __m256 acc[4]) {
+    __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+    __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int i = 0; i < 4; i++) {
+        __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+        __m256 w = _mm256_fmsub_ps(_mm256_set1_ps(i < 2 ? sa : sb), q, _mm256_set1_ps(i < 2 ? oa : ob));
+        acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * i), acc[i]);
+    }
+}
+
+static inline float hsum8x4(const __m256 acc[4]) {
+    return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+/* Every cache line of a K-quant block, AHEAD bytes on: one prefetch per block (144-210 bytes) left
+ * 2-3 lines of it to the hardware prefetcher, which kept Q4_K / Q6_K rows at a third of memory speed. */
+static inline void prefetch_block(const uint8_t *b, int bytes) {
+    for (int at = 0; at < bytes; at += 64) _mm_prefetch((const char *)b + AHEAD + at, _MM_HINT_T0);
+}
+
+static inline __m256i nibbles_low(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
+static inline __m256i nibbles_high(__m256i v) {
+    return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));
+}
+
+/* Bits 2j, 2j + 1 of each byte of h, moved to bits 4-5 (q6_k's high bits of its j-th quarter). */
+static inline __m256i crumb(__m256i h, int j) {
+    return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * j), _mm256_set1_epi8(3)), 4);
+}
+
+static float q4_0_dot_avx2(const Weights *m, int64_t row, const Act *a) {
+    const uint8_t *q = (const uint8_t *)m->w + row * (m->k / 32) * 18;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t b = 0; b < m->k / 32; b++, q += 18) {
+        __m128i qs = _mm_loadu_si128((const __m128i *)(q + 2));
+        __m256i v = nibbles_low(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs)); /* inputs 0-15 low, 16-31 high */
+        float d = f16_at(q);
+        u8x32_fma(v, a->f + 32 * b, d, 8.f * d, d, 8.f * d, acc);
+    }
+    return hsum8x4(acc);
+}
+
+/* q4_k and q5_k (qh NULL for q4_k), as k_block: sub-blocks 2c and 2c + 1 from qs chunk c. */
+static inline float k_dot(const Weights *m, int64_t row, const Act *a, int bytes, int qh_at, int qs_at) {
+    const uint8_t *b = (const uint8_t *)m->w + row * (m->k / 256) * bytes;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t blk = 0; blk < m->k / 256; blk++, b += bytes) {
+        prefetch_block(b, bytes);
+        float d = f16_at(b), dmin = f16_at(b + 2);
+        __m256i qh = qh_at ? _mm256_loadu_si256((const __m256i *)(b + qh_at)) : _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++) {
+            __m256i v = _mm256_loadu_si256((const __m256i *)(b + qs_at + 32 * c));
+            for (int half = 0; half < 2; half++) {
+                int s = 2 * c + half;
+                float sc, mn;
+                k_scale_min(b + 4, s, &sc, &mn);
+                __m256i q = half ? nibbles_high(v) : nibbles_low(v);
+                if (qh_at) { /* the fifth bit: bit s of qh[l], as 16 */
+                    __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(s)), _mm256_set1_epi8(1));
+                    q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
+                }
+                u8x32_fma(q, a->f + 256 * blk + 32 * s, d * sc, dmin * mn, d * sc, dmin * mn, acc);
+            }
+        }
+    }
+    return hsum8x4(acc);
+}
+
+static float q4_k_dot_avx2(const Weights *m, int64_t row, const Act *a) { return k_dot(m, row, a, 144, 0, 16); }
+static float q5_k_dot_avx2(const Weights *m, int64_t row, const Act *a) { return k_dot(m, row, a, 176, 16, 48); }
+
+/* q6_k: per half, inputs l, l + 32, l + 64, l + 96 from ql[l], ql[32 + l] (low, then high
+ * nibbles) with 2 bits of qh[l] each on top; w = d sc (q - 32), one sc per 16 inputs. */
+static float q6_k_dot_avx2(const Weights *m, int64_t row, const Act *a) {
+    const uint8_t *b = (const uint8_t *)m->w + row * (m->k / 256) * 210;
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (int64_t blk = 0; blk < m->k / 256; blk++, b += 210) {
+        prefetch_block(b, 210);
+        const int8_t *sc = (const int8_t *)(b + 192);
+        float d = f16_at(b + 208);
+        for (int half = 0; half < 2; half++) {
+            __m256i v0 = _mm256_loadu_si256((const __m256i *)(b + 64 * half));
+            __m256i v1 = _mm256_loadu_si256((const __m256i *)(b + 64 * half + 32));
+            __m256i h = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * half));
+            __m256i q[4] = {
+                _mm256_or_si256(nibbles_low(v0), crumb(h, 0)), _mm256_or_si256(nibbles_low(v1), crumb(h, 1)),
+                _mm256_or_si256(nibbles_high(v0), crumb(h, 2)), _mm256_or_si256(nibbles_high(v1), crumb(h, 3)),
+            };
+            for (int i = 0; i < 4; i++) {
+                int at = 128 * half + 32 * i; /* the first input of q[i] in the block */
+                float sa = d * (float)sc[at / 16], sb = d * (float)sc[at / 16 + 1];
+                u8x32_fma(q[i], a->f + 256 * blk + at, sa, 32.f * sa, sb, 32.f * sb, acc);
+            }
+        }
+    }
+    return hsum8x4(acc);
 }
 
 /* R <= ROWS rows at once, each kernel a compile-time R (the *_rows_avx2 functions switch on the

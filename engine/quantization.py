@@ -19,6 +19,7 @@ from engine.decoder import CausalLM
 from engine.errors import EngineError
 from engine.experts import EXPERT_BACKENDS
 from engine.fp8 import FP8_MODULES, Fp8Experts
+from engine.ggml_quants import GGUF_MODULES, GGUFExperts
 from engine.layers import StoredWeights
 from engine.moe import Experts
 from engine.qmatmul import linear as qlinear
@@ -102,9 +103,9 @@ def quantize_modules(
     """Swap the float modules under `net` (a whole model or one decoder layer); returns the count.
 
     Already-quantized modules are left alone, so the loader can call this per layer and then once
-    more on the whole model (for the head). FP8 modules (engine.fp8) are dequantized one at a time
-    and quantized again; one the scheme cannot take (int4's group) becomes float in the model
-    dtype, as a float one would stay. Works on the meta device too (shapes only). A whole
+    more on the whole model (for the head). FP8 and GGUF modules (engine.fp8, engine.ggml_quants) are
+    dequantized one at a time and quantized again; one the scheme cannot take (int4's group) becomes
+    float in the model dtype, as a float one would stay. Works on the meta device too (shapes only). A whole
     CausalLM forgets what it built from its old weights; after quantizing a part of a model that
     has already run, call the model's `weights_changed()`.
     """
@@ -112,9 +113,9 @@ def quantize_modules(
     for parent_name, parent in net.named_modules():
         for child_name, child in parent.named_children():
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            experts = isinstance(child, (Experts, Fp8Experts))
+            experts = isinstance(child, (Experts, Fp8Experts, GGUFExperts))
             if (experts and "experts" in targets) or (
-                isinstance(child, (nn.Linear, *FP8_MODULES)) and not experts and _target(full) in targets
+                isinstance(child, (nn.Linear, *FP8_MODULES, *GGUF_MODULES)) and not experts and _target(full) in targets
             ):
                 chosen.append((full, parent, child_name, child))
     swaps = 0
@@ -135,7 +136,7 @@ def quantize_modules(
 
 
 def _quantized(module: nn.Module, scheme: str, group: int) -> nn.Module | None:
-    if isinstance(module, FP8_MODULES):
+    if isinstance(module, (*FP8_MODULES, *GGUF_MODULES)):
         module = module.to_float()  # [N, K] in the model dtype, this module only
         return _quantized(module, scheme, group) or module
     experts = isinstance(module, Experts)

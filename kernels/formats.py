@@ -17,7 +17,22 @@ are carried through unchanged.
         w = (q - 8) * scale + zero (asymmetric, per group of `group` inputs, a multiple of 32).
   fp8   q [.., N, K] float8_e4m3fn, scale [.., N, ceil(K/B)] fp32; w = q * scale[n, k // B], B the
         block of inputs (any size; the last block of a row may be partial).
+  GGUF block types (ggml's layouts, kept as the file stores them): [.., N, K / block * bytes] uint8,
+  each row K / block blocks of `bytes` bytes holding their own fp16 scales; no separate scale.
+  q8_0  32 inputs in 34 bytes: d fp16, q int8[32]; w = d * q.
+  q4_0  32 inputs in 18 bytes: d fp16, qs[16] (input j low nibble, 16 + j high); w = d * (q - 8).
+  q4_k  256 inputs in 144 bytes: d, dmin fp16, 12 bytes of 6-bit (scale, min) for 8 sub-blocks of
+        32, qs[128]: 4 chunks of 32 bytes, sub-block 2c in the low nibbles, 2c + 1 in the high
+        ones; w = d * sc[s] * q - dmin * m[s].
+  q5_k  256 inputs in 176 bytes: d, dmin, 12 scale bytes as q4_k, qh[32] (bit s of byte j: the 5th
+        bit of input j of sub-block s), qs[128] as q4_k; w = d * sc[s] * (q + 16 h) - dmin * m[s].
+  q6_k  256 inputs in 210 bytes: ql[128], qh[64], sc int8[16], d fp16; per half of 128 inputs (ql
+        64 bytes, qh 32): inputs l, l + 32, l + 64, l + 96 are the low nibbles of ql[l], ql[32 + l],
+        the high nibbles of ql[l], ql[32 + l], with bits 0-1, 2-3, 4-5, 6-7 of qh[l] on top;
+        w = d * sc[i / 16] * (q - 32).
 The int4 chunk order lets a kernel unpack 32 inputs with one mask and one shift of 16 bytes.
+A stored uint8 weight is int4 unless its module says otherwise: several formats share the dtype, so
+modules holding GGUF blocks carry their Format and pass it to every kernel as `fmt`.
 
 FP8 checkpoints (DeepSeek-V3's layout) scale blocks of [Bo, B] weights: weight_scale_inv
 [ceil(N/Bo), ceil(K/B)]. The loader repeats each scale row over its Bo output rows (`fp8_row_scales`),
@@ -47,19 +62,28 @@ class Format:
     dtype: torch.dtype  # the stored weight's dtype
     per_element: int  # inputs stored per element of the weight (2 for packed int4)
     scale: str | None  # the scale tensor's layout, None when the weight is unscaled
+    block: int = 0  # GGUF block types: inputs per block ...
+    block_bytes: int = 0  # ... and its bytes (scales included); 0 for the others
 
     def inputs(self, w: torch.Tensor) -> int:
         """K, the inputs per output row of a weight [.., N, K / per_element] in this format."""
+        if self.block:
+            return w.shape[-1] // self.block_bytes * self.block
         return w.shape[-1] * self.per_element
 
+    def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The stored weight's shape for a float weight of `shape` [.., N, K] (GGUF block types)."""
+        assert self.block and shape[-1] % self.block == 0, f"{self.name} needs K a multiple of {self.block}"
+        return (*shape[:-1], shape[-1] // self.block * self.block_bytes)
+
     def group(self, w: torch.Tensor, scale: torch.Tensor | None) -> int:
-        """Inputs per scale group (int4); formats without groups report CHUNK. fp8's block is not in
-        its shapes (see above): its callers pass it."""
+        """Inputs per scale group (int4), per block (GGUF types); formats without groups report CHUNK.
+        fp8's block is not in its shapes (see above): its callers pass it."""
         if self is FP8:
             raise ValueError("fp8 weights need their input block passed explicitly (the module's `block`)")
         if self is INT4 and scale is not None:
             return self.inputs(w) // scale.shape[-2]
-        return CHUNK
+        return self.block or CHUNK
 
 
 FP32 = Format("fp32", 0, torch.float32, 1, None)
@@ -67,14 +91,21 @@ BF16 = Format("bf16", 1, torch.bfloat16, 1, None)
 INT8 = Format("int8", 2, torch.int8, 1, "fp32 [.., N]")
 INT4 = Format("int4", 3, torch.uint8, 2, "bf16 [.., N, G, 2] (scale, zero)")
 FP8 = Format("fp8", 4, torch.float8_e4m3fn, 1, "fp32 [.., N, ceil(K/B)]")
-FORMATS = (FP32, BF16, INT8, INT4, FP8)  # in code order
+Q8_0 = Format("q8_0", 5, torch.uint8, 1, None, 32, 34)
+Q4_K = Format("q4_k", 6, torch.uint8, 1, None, 256, 144)
+Q6_K = Format("q6_k", 7, torch.uint8, 1, None, 256, 210)
+Q4_0 = Format("q4_0", 8, torch.uint8, 1, None, 32, 18)
+Q5_K = Format("q5_k", 9, torch.uint8, 1, None, 256, 176)
+FORMATS = (FP32, BF16, INT8, INT4, FP8, Q8_0, Q4_K, Q6_K, Q4_0, Q5_K)  # in code order
+GGUF_FORMATS = {"Q8_0": Q8_0, "Q4_K": Q4_K, "Q6_K": Q6_K, "Q4_0": Q4_0, "Q5_K": Q5_K}  # by GGML type name
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-_BY_DTYPE = {f.dtype: f for f in FORMATS}
+_BY_DTYPE = {f.dtype: f for f in (FP32, BF16, INT8, INT4, FP8)}  # uint8 means int4 unless told
 
 
-def format_of(w: torch.Tensor) -> Format | None:
-    """The layout of a stored weight, from its dtype; None for others (fp16: torch reads those)."""
-    return _BY_DTYPE.get(w.dtype)
+def format_of(w: torch.Tensor, fmt: Format | None = None) -> Format | None:
+    """The layout of a stored weight: `fmt` when its module gives one, else from its dtype; None for
+    others (fp16: torch reads those)."""
+    return fmt or _BY_DTYPE.get(w.dtype)
 
 
 def _row_chunks(rows: int, k: int) -> list[slice]:
@@ -160,7 +191,10 @@ def fp8_row_scales(block_scale: torch.Tensor, rows: int, block: int) -> torch.Te
 
 
 def quantize(w: torch.Tensor, fmt: Format, group: int = 128) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A float weight [.., N, K] in `fmt`: (stored weight, scale or None). `group`: int4's group, fp8's block."""
+    """A float weight [.., N, K] in `fmt`: (stored weight, scale or None). `group`: int4's group, fp8's block.
+    GGUF block types are read as files store them, never made here."""
+    if fmt.block:
+        raise ValueError(f"{fmt.name} weights come from GGUF files; the engine does not quantize to them")
     if fmt is INT8:
         return quantize_int8(w)
     if fmt is INT4:
@@ -170,11 +204,17 @@ def quantize(w: torch.Tensor, fmt: Format, group: int = 128) -> tuple[torch.Tens
     return w.to(fmt.dtype), None
 
 
-def dequantize(w: torch.Tensor, scale: torch.Tensor | None, group: int | None = None) -> torch.Tensor:
+def dequantize(
+    w: torch.Tensor, scale: torch.Tensor | None, group: int | None = None, fmt: Format | None = None
+) -> torch.Tensor:
     """Any stored weight above -> fp32 [..., N, K], in plain torch (the reference every kernel matches).
 
-    `group`: fp8's input block (required there); the other formats read theirs from the shapes."""
-    fmt = format_of(w)
+    `group`: fp8's input block (required there); the other formats read theirs from the shapes.
+    `fmt`: the layout, when the dtype does not say it (GGUF blocks)."""
+    fmt = format_of(w, fmt)
+    if fmt is not None and fmt.block:
+        blocks = w.reshape(-1, fmt.block_bytes)  # [B, bytes]
+        return _BLOCK_DEQUANTIZE[fmt](blocks).view(*w.shape[:-1], fmt.inputs(w))
     if fmt is FP8:
         assert group is not None, "fp8 needs its input block"
         return w.float() * fp8_expand(scale, group, w.shape[-1])
@@ -187,3 +227,63 @@ def dequantize(w: torch.Tensor, scale: torch.Tensor | None, group: int | None = 
         wg = (q.view(*q.shape[:-1], groups, -1) - 8) * s[..., None] + z[..., None]  # [..., N, G, g]
         return wg.view(q.shape)
     return w.float()
+
+
+# GGUF blocks -> fp32, from ggml's published formulas (the layouts above): blocks [B, bytes] uint8 -> [B, block].
+
+
+def _f16(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The fp16 at byte `at` of each block, as fp32 [B, 1]."""
+    return blocks[:, at : at + 2].contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """qs [B, C, 32] -> [B, 2C, 32]: per chunk of 32 bytes its low nibbles, then its high ones."""
+    return torch.stack([qs & 15, qs >> 4], dim=2).flatten(1, 2)
+
+
+def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q4_k / q5_k's 6-bit (scale, min) of the 8 sub-blocks, from bytes 4..15: [B, 8] each as fp32.
+    Sub-blocks 0-3 take the low 6 bits of bytes 0-3 (scales) and 4-7 (mins); 4-7 take a nibble of
+    bytes 8-11 with the top 2 bits of bytes 0-3 (scales) or 4-7 (mins) above it."""
+    s = blocks[:, 4:16].int()  # [B, 12]
+    scales = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 15) | ((s[:, 0:4] >> 6) << 4)], dim=1)
+    mins = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1)
+    return scales.float(), mins.float()
+
+
+def _q8_0(blocks: torch.Tensor) -> torch.Tensor:
+    return _f16(blocks, 0) * blocks[:, 2:34].contiguous().view(torch.int8).float()
+
+
+def _q4_0(blocks: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(blocks[:, None, 2:18]).flatten(1).float()  # [B, 32]: low nibbles, then high
+    return _f16(blocks, 0) * (q - 8)
+
+
+def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
+    scales, mins = _k_scales(blocks)  # [B, 8]
+    q = _nibbles(blocks[:, 16:144].reshape(-1, 4, 32)).float()  # [B, 8, 32]
+    w = _f16(blocks, 0)[..., None] * scales[..., None] * q - _f16(blocks, 2)[..., None] * mins[..., None]
+    return w.flatten(1)
+
+
+def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
+    scales, mins = _k_scales(blocks)  # [B, 8]
+    high = (blocks[:, None, 16:48].int() >> torch.arange(8, dtype=torch.int32)[:, None]) & 1  # [B, 8, 32]
+    q = _nibbles(blocks[:, 48:176].reshape(-1, 4, 32)).float() + 16 * high  # [B, 8, 32]
+    w = _f16(blocks, 0)[..., None] * scales[..., None] * q - _f16(blocks, 2)[..., None] * mins[..., None]
+    return w.flatten(1)
+
+
+def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
+    ql = blocks[:, 0:128].reshape(-1, 2, 2, 32).int()  # [B, half, 2, 32]
+    qh = blocks[:, 128:192].reshape(-1, 2, 1, 32).int()  # [B, half, 1, 32]
+    shifts = torch.arange(0, 8, 2, dtype=torch.int32).view(1, 1, 4, 1)  # bits 0-1, 2-3, 4-5, 6-7 of qh
+    low = torch.cat([ql & 15, ql >> 4], dim=2)  # [B, half, 4, 32]: inputs l, l + 32, l + 64, l + 96
+    q = (low | (((qh >> shifts) & 3) << 4)).float() - 32  # [B, half, 4, 32]
+    scales = blocks[:, 192:208].contiguous().view(torch.int8).float()  # [B, 16], one per 16 inputs
+    return _f16(blocks, 208) * scales.repeat_interleave(16, dim=1) * q.flatten(1)
+
+
+_BLOCK_DEQUANTIZE = {Q8_0: _q8_0, Q4_0: _q4_0, Q4_K: _q4_k, Q5_K: _q5_k, Q6_K: _q6_k}

@@ -21,6 +21,7 @@ from engine import native
 from engine.layers import Attention, RMSNorm
 from engine.moe import SoftmaxRouter, SparseMoe
 from engine.qmatmul import SMALL_M
+from kernels.formats import FORMATS, Format
 
 if TYPE_CHECKING:
     from engine.decoder import KVCache
@@ -65,15 +66,28 @@ def _attention(attn: nn.Module) -> _Attention | None:
     if not isinstance(attn, Attention):
         return None
     modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-    layers = [(m.weight, getattr(m, "scale", None), m.bias, getattr(m, "block", None)) for m in modules]
-    if not all(native.supports(w) for w, *_ in layers):
+    # (weight, scale, bias, fp8 block, GGUF format): what a module stores beyond its dtype
+    layers = [
+        (m.weight, getattr(m, "scale", None), m.bias, getattr(m, "block", None), getattr(m, "format", None))
+        for m in modules
+    ]
+    if not all(native.supports(w, fmt) for w, *_, fmt in layers):
         return None
-    if len({native.layout(w, s, block)[::2] for w, s, _, block in layers[:3]}) > 1:  # (format, group)
+    if len({_input_kind(*layer) for layer in layers[:3]}) > 1:
         return None
     projs, keep = native.projections(layers)
     norms = [None if n is None else _fp32(n) for n in (attn.q_norm, attn.k_norm)]
     eps = 0.0 if attn.q_norm is None else attn.q_norm.eps
     return _Attention(projs, keep, attn.heads, attn.kv_heads, attn.head_dim, *norms, eps)
+
+
+def _input_kind(
+    w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, block: int | None, fmt: Format | None
+) -> tuple[int, int] | str:
+    """What q, k and v must share to read one prepared input: (format, group), or "gguf" for any mix of
+    GGUF block types, which read the fp32 input as it is (Q4_K_M files keep attn_v in Q6_K)."""
+    code, _, group = native.layout(w, scale, block, fmt)
+    return "gguf" if FORMATS[code].block else (code, group)
 
 
 def _fused(
@@ -85,16 +99,18 @@ def _fused(
         return None, []
     experts, router = mlp.experts, mlp.gate
     w13, w2 = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
+    f13, f2 = getattr(experts, "gate_up_format", None), getattr(experts, "down_format", None)  # GGUF blocks
     if (
         experts.backend != "cpu"
         or block.input_layernorm.eps != block.post_attention_layernorm.eps  # the kernel takes one eps
         or router.weight.dtype not in (torch.float32, torch.bfloat16)
         or w13.dtype != w2.dtype
-        or not all(native.supports(w) for w in (w13, w2, router.weight))
+        or f13 != f2  # the kernel reads both in one format
+        or not (native.supports(w13, f13) and native.supports(w2, f2) and native.supports(router.weight))
     ):
         return None, []
     s13, s2 = getattr(experts, "gate_up_scale", None), getattr(experts, "down_scale", None)
-    fmt, _, group = native.layout(w13, s13, getattr(experts, "block", None))  # fp8 experts carry their block
+    fmt, _, group = native.layout(w13, s13, getattr(experts, "block", None), f13)  # fp8 experts carry their block
     router_proj, router_keep = native.projections([(router.weight, None, None)])
     a = attention
     args = native.BlockArgs(

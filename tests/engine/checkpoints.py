@@ -8,6 +8,7 @@ leaves at zero and which would then test nothing).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 import transformers
 from torch import nn
+
+from kernels.formats import Format
 
 VOCAB = 320
 # Larger than transformers' 0.02 so random logits and router scores are well separated:
@@ -285,3 +288,19 @@ def save_fp8(model: nn.Module, directory: Path, block: tuple[int, int]) -> Path:
     }  # fmt: skip
     (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return directory
+
+
+_GGUF_SCALES = {"q8_0": (0,), "q4_0": (0,), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}  # each block's fp16s
+
+
+def gguf_blocks(fmt: Format, shape: tuple[int, ...], *, seed: int = 0, scale: float = 1 / 8) -> torch.Tensor:
+    """Random GGUF blocks [.., N, K / block * bytes] of `fmt` for weights [.., N, K]: every byte random
+    but each block's fp16 scales (d, and dmin for q4_k / q5_k), which are in [0.5, 1.5) * `scale`
+    (K-quants multiply them by 6- or 8-bit sub-scales too), so the weights are finite and bounded."""
+    rows, k = math.prod(shape[:-1]), shape[-1]
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (rows * k // fmt.block, fmt.block_bytes), dtype=torch.uint8, generator=g)
+    for at in _GGUF_SCALES[fmt.name]:
+        d = (torch.rand(blocks.shape[0], generator=g) + 0.5) * scale
+        blocks[:, at : at + 2] = d.to(torch.float16).view(-1, 1).view(torch.uint8)
+    return blocks.view(*shape[:-1], k // fmt.block * fmt.block_bytes)

@@ -3,7 +3,8 @@
 The files are written here with the gguf package's own writer and tensor-name map, from tiny
 random transformers models, laid out as llama.cpp's convert_hf_to_gguf.py lays them out: llama's
 Q/K rows permuted for adjacent-pair rope, Llama 3 rope scaling as a rope_freqs tensor, DeepSeek's
-kv_b split into k_b [N, R, Dn] and v_b [N, Dv, R], experts stacked, 1-D tensors in F32.
+kv_b split into k_b [N, R, Dn] and v_b [N, Dv, R], experts stacked, 1-D tensors in F32; or with
+matrices in GGUF block types (Q8_0, Q4_K, Q6_K, Q4_0, Q5_K), which stay blocks in the engine.
 Tolerances: as tests/engine/test_parity.py (fp32 logits within 1e-4 of the largest logit).
 """
 
@@ -24,7 +25,8 @@ from engine.gguf import load_tokenizer, read_config, split_files, summarize
 from engine.info import describe
 from engine.loader import load_checkpoint
 from engine.tokenizer import chat_prompt
-from tests.engine.checkpoints import CASES, CHAT_TEMPLATE, INIT, VOCAB, add_tokenizer, save
+from kernels.formats import GGUF_FORMATS
+from tests.engine.checkpoints import CASES, CHAT_TEMPLATE, INIT, VOCAB, add_tokenizer, gguf_blocks, save
 
 gguf = pytest.importorskip("gguf")
 
@@ -190,12 +192,11 @@ def _build(name: str, **overrides):
     case = CASES[name]
     config = getattr(transformers, case.config_class)(
         vocab_size=VOCAB,
-        hidden_size=64,
         initializer_range=INIT,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
-        **(dict(case.kwargs) | overrides),
+        **({"hidden_size": 64} | dict(case.kwargs) | overrides),
     )
     torch.manual_seed(0)
     model = getattr(transformers, case.model_class)(config).eval()
@@ -249,13 +250,16 @@ def test_tensors_equal_the_source(files, name: str, ftype: str) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_logits_and_greedy_tokens_match_transformers(files, name: str) -> None:
     ref, _, path = files(name)
-    model = engine.load_model(path)
-    tokens = _prompt(1)
+    _matches_transformers(engine.load_model(path), ref, _prompt(1), name)
+
+
+def _matches_transformers(model: engine.Model, ref: torch.nn.Module, tokens: torch.Tensor, label: str) -> None:
+    """fp32 logits within 1e-4 (relative) of transformers' on the same weights, and the same greedy tokens."""
     with torch.no_grad():
         expected = ref(tokens[None]).logits[0]  # [T, V]
         want = ref.generate(tokens[None], max_new_tokens=NEW_TOKENS, do_sample=False)[0, tokens.numel() :]
     rel = (model.logits(tokens) - expected).abs().max() / expected.abs().max()
-    assert rel < 1e-4, f"{name}: relative logits error {rel:.2e}"
+    assert rel < 1e-4, f"{label}: relative logits error {rel:.2e}"
     assert model.generate(tokens, max_new_tokens=NEW_TOKENS, eos_token_ids=()) == want.tolist()
 
 
@@ -323,14 +327,14 @@ def test_summary_names_format_types_and_bits(files) -> None:
     assert read_config(path)["torch_dtype"] == "bfloat16"
 
 
-def test_quantized_tensor_types_are_refused_by_name(files, tmp_path) -> None:
+def test_unsupported_tensor_types_are_refused_by_name(files, tmp_path) -> None:
     model = _build("qwen3")
-    path = tmp_path / "q8.gguf"
+    path = tmp_path / "q5_0.gguf"
     writer = gguf.GGUFWriter(path, "qwen3")
     _metadata(writer, model, "qwen3")
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, model.config.num_hidden_layers)
     for hf_name, w in _hf_tensors(model, "qwen3"):
-        qtype = gguf.GGMLQuantizationType.Q8_0 if w.dim() >= 2 else gguf.GGMLQuantizationType.F32
+        qtype = gguf.GGMLQuantizationType.Q5_0 if w.dim() >= 2 else gguf.GGMLQuantizationType.F32
         writer.add_tensor(
             names.get_name(hf_name, try_suffixes=(".weight", ".bias")),
             gguf.quants.quantize(w.numpy().astype(np.float32), qtype),
@@ -340,9 +344,82 @@ def test_quantized_tensor_types_are_refused_by_name(files, tmp_path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(CheckpointError, match=r"is Q8_0.*Supported GGUF tensor types: F32, F16, BF16") as info:
+    supported = "F32, F16, BF16, Q8_0, Q4_K, Q6_K, Q4_0, Q5_K"
+    with pytest.raises(CheckpointError, match=rf"is Q5_0.*Supported GGUF tensor types: {supported}") as info:
         engine.load_model(path)
     assert "\n" not in str(info.value)
+
+
+def test_block_rows_that_are_not_whole_blocks_are_refused() -> None:
+    from engine.gguf import _check_types, _Tensor
+
+    bad = _Tensor(Path("m.gguf"), "blk.0.attn_q.weight", "Q4_K", (8, 320), 0, 0)
+    with pytest.raises(CheckpointError, match=r"blk.0.attn_q.weight is Q4_K with rows of 320 values.*block of 256"):
+        _check_types(Path("m.gguf"), [bad])
+
+
+# GGUF block types: the tiny model at widths that are whole K-quant blocks (256), written as
+# llama.cpp writes a quantized file: matrices in blocks, the router and vectors in F32. gguf.quants
+# quantizes Q8_0 and Q4_0; K-quant blocks are random bytes with sane fp16 scales (gguf has no
+# K-quant quantizer). The transformers model then runs the gguf package's dequantized weights,
+# an independent reading of the bytes; its logits are the reference.
+BLOCK_WIDTHS = {"hidden_size": 256, "moe_intermediate_size": 256, "head_dim": 64}
+BLOCK_TYPES = ["Q8_0", "Q4_K", "Q6_K", "Q4_0", "Q5_K"]
+
+
+def _blocks(w: torch.Tensor, qtype, seed: int) -> np.ndarray:
+    """w [.., N, K] in GGUF blocks of `qtype`."""
+    if qtype.name in ("Q8_0", "Q4_0"):
+        return gguf.quants.quantize(w.contiguous().numpy().astype(np.float32), qtype)
+    # K-quants: d (and dmin) small enough that d * 63 * 15 (q4_k's largest) stays near INIT-sized weights
+    return gguf_blocks(GGUF_FORMATS[qtype.name], tuple(w.shape), seed=seed, scale=2e-5).numpy()
+
+
+def write_block_gguf(
+    model, tokenizer_dir: Path, path: Path, qtype_name: str, mix: dict[str, str] | None = None
+) -> Path:
+    """`model` as a GGUF whose matrices (router aside) are `qtype_name` blocks, or `mix`'s type for
+    the tensors named there; the model's own weights are overwritten in place with the blocks'
+    dequantized values (gguf's reading)."""
+    arch = ARCHS[model.config.model_type]
+    writer = gguf.GGUFWriter(path, arch)
+    _metadata(writer, model, arch)
+    _tokenizer_metadata(writer, tokenizer_dir)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
+    for seed, (hf_name, w) in enumerate(_hf_tensors(model, arch)):  # fp32 views of the model's parameters
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if w.dim() < 2 or "gate_inp" in name:
+            writer.add_tensor(name, w.contiguous().numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
+            continue
+        qtype = gguf.GGMLQuantizationType[(mix or {}).get(name, qtype_name)]
+        data = _blocks(w, qtype, seed)
+        with torch.no_grad():
+            w.copy_(torch.from_numpy(gguf.quants.dequantize(data, qtype)))
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("qtype", BLOCK_TYPES)
+def test_block_types_stay_quantized_and_match_transformers(files, tmp_path, qtype: str) -> None:
+    from engine.ggml_quants import GGUFExperts, GGUFLinear
+
+    ref = _build("qwen3_moe", **BLOCK_WIDTHS)
+    path = write_block_gguf(ref, files.tokenizer_dir, tmp_path / f"m-{qtype}.gguf", qtype)
+    model = engine.load_model(path)
+    fmt = GGUF_FORMATS[qtype]
+    stored = [m for m in model.net.modules() if isinstance(m, (GGUFLinear, GGUFExperts))]
+    assert len(stored) == 2 * 5 + 1  # per layer q, k, v, o and the experts; the head
+    for m in stored:
+        formats = (m.format,) if isinstance(m, GGUFLinear) else (m.gate_up_format, m.down_format)
+        assert set(formats) == {fmt} and all(b.dtype == torch.uint8 for b in m.buffers())
+    assert model.net.model.embed_tokens.weight.dtype == torch.float32  # widened: an embedding is a lookup
+    info = describe(path)  # `moerag model info`: the block type and its bits (router and norms in F32 add some)
+    assert qtype in info.weight_format and fmt.block_bytes * 8 / fmt.block <= info.bits_per_weight < 9
+    _matches_transformers(model, ref, _prompt(7), qtype)
 
 
 def test_unsupported_architecture_is_named(tmp_path) -> None:
@@ -370,3 +447,38 @@ def test_a_gguf_quantizes_to_a_checkpoint_that_loads_directly(files, tmp_path) -
     assert written.prompt_ids(SENTENCE) == engine.load_model(path).prompt_ids(SENTENCE)
     want = engine.load_model(path, quantize="int8").generate(_prompt(6), max_new_tokens=8, eos_token_ids=())
     assert written.generate(_prompt(6), max_new_tokens=8, eos_token_ids=()) == want
+
+
+def test_block_types_requantize_while_loading(files, tmp_path) -> None:
+    # quantize="int8" on a Q4_K file: each GGUF module is widened alone, then quantized again.
+    from engine.ggml_quants import GGUF_MODULES
+    from engine.quantization import QuantizedExperts
+
+    ref = _build("qwen3_moe", **BLOCK_WIDTHS)
+    path = write_block_gguf(ref, files.tokenizer_dir, tmp_path / "m.gguf", "Q4_K")
+    blocks, int8 = engine.load_model(path), engine.load_model(path, quantize="int8")
+    assert not any(isinstance(m, GGUF_MODULES) for m in int8.net.modules())
+    assert sum(isinstance(m, QuantizedExperts) for m in int8.net.modules()) == 2
+    tokens = _prompt(8)
+    want = blocks.logits(tokens)
+    rel = (int8.logits(tokens) - want).abs().max() / want.abs().max()
+    # int8's own rounding of the widened weights (measured 1.6e-3); a wrong module or layout is O(1)
+    assert rel < 1e-2, f"int8 of the Q4_K weights: relative logits error {rel:.2e}"
+
+
+def test_mixed_block_types_as_in_q4_k_m_files(files, tmp_path) -> None:
+    # Q4_K_M keeps attn_v and some ffn_down_exps in Q6_K: block 0's q, k, v mix types and still
+    # decode in the fused block kernel (GGUF types read one unprepared input); block 1's experts mix
+    # them (gate and up Q4_K, down Q6_K) and run expert by expert.
+    ref = _build("qwen3_moe", **BLOCK_WIDTHS)
+    mix = {"blk.0.attn_v.weight": "Q6_K", "blk.1.ffn_down_exps.weight": "Q6_K"}
+    model = engine.load_model(write_block_gguf(ref, files.tokenizer_dir, tmp_path / "m.gguf", "Q4_K", mix))
+    tokens = _prompt(9)
+    with torch.no_grad():
+        expected = ref(tokens[None]).logits[0]  # [T, V]
+        want = ref.generate(tokens[None], max_new_tokens=NEW_TOKENS, do_sample=False)[0, tokens.numel() :]
+    rel = (model.logits(tokens) - expected).abs().max() / expected.abs().max()
+    assert rel < 1e-4, f"relative logits error {rel:.2e}"
+    assert model.generate(tokens, max_new_tokens=NEW_TOKENS, eos_token_ids=()) == want.tolist()
+    blocks = model.net._native.blocks
+    assert blocks[0].fused is not None and blocks[1].fused is None and blocks[1].attention is not None

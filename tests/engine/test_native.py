@@ -15,11 +15,18 @@ import torch.nn.functional as F
 
 from engine import native
 from engine.errors import EngineError
+from engine.experts import reference
 from engine.qmatmul import matmul
 from kernels.formats import (
     FORMATS,
     INT4,
     INT8,
+    Q4_0,
+    Q4_K,
+    Q5_K,
+    Q6_K,
+    Q8_0,
+    Format,
     pack_int4,
     quantize_fp8,
     quantize_int4,
@@ -27,6 +34,7 @@ from kernels.formats import (
     unpack_int4,
 )
 from kernels.formats import dequantize as dequantize_reference
+from tests.engine.checkpoints import gguf_blocks
 
 # The SIMD build rounds activations (to int16 per chunk of 32 for int8 weights, to int8 per
 # weight group for int4 ones, as llama.cpp does); `expected` rounds them the same way, so every comparison is to
@@ -327,3 +335,41 @@ def test_the_build_key_covers_every_file_native_c_includes() -> None:
         included.add(path)
         todo += [path.parent / name for name in re.findall(r'#include "([^"]+)"', path.read_text())]
     assert len(included) >= 4 and included <= set(native.sources())  # native.c, .h, _generic.c, _simd.c
+
+
+GGUF_CASES = [(Q8_0, 32), (Q8_0, 96), (Q4_0, 64), (Q4_K, 256), (Q4_K, 512), (Q6_K, 256), (Q5_K, 512)]
+
+
+@pytest.mark.parametrize("fmt", [Q8_0, Q4_0, Q4_K, Q5_K, Q6_K], ids=lambda f: f.name)
+def test_gguf_reference_dequantize_equals_the_gguf_package(fmt: Format) -> None:
+    # gguf.quants is ggml's own formulas in numpy: an independent reading of the same bytes.
+    gguf = pytest.importorskip("gguf")
+    blocks = gguf_blocks(fmt, (5, 512), seed=fmt.code)
+    want = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[fmt.name.upper()])
+    assert torch.equal(dequantize_reference(blocks, None, fmt=fmt), torch.from_numpy(want))
+
+
+@pytest.mark.parametrize("fmt,k", GGUF_CASES, ids=lambda v: getattr(v, "name", v))
+def test_gguf_dequantize_is_exact(lib, fmt: Format, k: int) -> None:
+    blocks = gguf_blocks(fmt, (19, k), seed=k)
+    assert torch.equal(native.dequantize(blocks, fmt=fmt, lib=lib), dequantize_reference(blocks, None, fmt=fmt))
+
+
+@pytest.mark.parametrize("fmt,k", GGUF_CASES, ids=lambda v: getattr(v, "name", v))
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_gguf_gemv_equals_the_dequantized_product(lib, fmt: Format, k: int, m: int) -> None:
+    # GGUF activations stay fp32 in both builds: only the summation order differs from the reference.
+    blocks = gguf_blocks(fmt, (45, k), seed=k + m)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    _close(native.gemv(x, blocks, fmt=fmt, lib=lib), x @ dequantize_reference(blocks, None, fmt=fmt).T)
+
+
+@pytest.mark.parametrize("fmt", [Q8_0, Q4_K], ids=lambda f: f.name)
+def test_gguf_moe_equals_the_reference(lib, fmt: Format) -> None:
+    experts, hidden, width = 8, 256, 256
+    w13, w2 = gguf_blocks(fmt, (experts, 2 * width, hidden), seed=1), gguf_blocks(fmt, (experts, hidden, width), seed=2)
+    ids = torch.tensor([[0, 5], [5, 0], [2, 7], [7, 7]])
+    x, weights = torch.randn(ids.shape[0], hidden), torch.rand(ids.shape)
+    got = native.moe(x, w13, w2, weights, ids, fmt=fmt, lib=lib)
+    w13_float, w2_float = (dequantize_reference(w, None, fmt=fmt) for w in (w13, w2))  # [E, 2I, H], [E, H, I]
+    _close(got, reference(x, w13_float, w2_float, weights, ids))

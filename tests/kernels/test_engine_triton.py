@@ -8,13 +8,16 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+# Triton compiles for CUDA tensors; without a GPU the kernels run in its interpreter on CPU ones.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3", "mixtral"])
 def test_triton_backend_logits_equal_the_torch_backends(tiny_checkpoint, name):
     from engine import load_model
 
     _, path = tiny_checkpoint(name)
-    model = load_model(path, dtype=torch.float32)
+    model = load_model(path, dtype=torch.float32, device=DEVICE)
     tokens = [3, 17, 42, 5, 99, 7, 11, 2, 64, 30, 8]  # 11 tokens: the grouped-GEMM path
     model.set_experts_backend("cpu")
     want = model.logits(tokens)
@@ -37,7 +40,7 @@ def test_quantized_experts_on_triton_equal_the_cpu_backend(tiny_checkpoint, monk
     # weights, so the two differ only in summation order (measured <= 1.1e-6): the bound of the float test.
     monkeypatch.setattr(native, "library", lambda **_: None)
     _, path = tiny_checkpoint(name)
-    model = load_model(path, dtype=torch.bfloat16, quantize=scheme, group_size=32)
+    model = load_model(path, dtype=torch.bfloat16, quantize=scheme, group_size=32, device=DEVICE)
     stored = {m.gate_up_proj.dtype for m in model.net.modules() if hasattr(m, "gate_up_scale")}
     assert stored == {torch.uint8 if scheme == "int4" else torch.int8}  # the experts really are quantized
     tokens = [3, 17, 42, 5, 99, 7, 11, 2, 64, 30, 8]  # 11 tokens: the grouped-GEMM path
