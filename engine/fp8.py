@@ -110,16 +110,23 @@ class Fp8Experts(StoredWeights):
             w13_scale=self.gate_up_scale, w2_scale=self.down_scale, group=self.block,
         )  # fmt: skip
 
+    def float_inputs(self, name: str) -> int:
+        """K of the float weight `name` ("gate_up_proj" or "down_proj"): fp8 stores one byte an input."""
+        return getattr(self, name).shape[-1]
+
+    def widened(self, name: str) -> torch.Tensor:
+        """The float weight `name` in the model dtype ([E, 2I, H] or [E, H, I]), the other untouched."""
+        return _dequantized(
+            getattr(self, name), getattr(self, name.replace("_proj", "_scale")), self.block, self.float_dtype
+        )
+
     def to_float(self) -> Experts:
         """These experts dequantized, as the float Experts they stand for (in the model dtype)."""
         e, width, hidden = self.gate_up_proj.shape
         with torch.device("meta"):
             experts = Experts(e, hidden, width // 2, backend=self.backend)
         for name in ("gate_up_proj", "down_proj"):
-            w = _dequantized(
-                getattr(self, name), getattr(self, name.replace("_proj", "_scale")), self.block, self.float_dtype
-            )
-            setattr(experts, name, nn.Parameter(w.to(self.float_dtype), requires_grad=False))
+            setattr(experts, name, nn.Parameter(self.widened(name), requires_grad=False))
         return experts
 
 

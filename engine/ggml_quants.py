@@ -66,10 +66,20 @@ class GGUFExperts(StoredWeights):
             w13_format=self.gate_up_format, w2_format=self.down_format,
         )  # fmt: skip
 
+    def float_inputs(self, name: str) -> int:
+        """K of the float weight `name` ("gate_up_proj" or "down_proj") these blocks stand for."""
+        return self._format(name).inputs(getattr(self, name))
+
+    def widened(self, name: str) -> torch.Tensor:
+        """The float weight `name` in the model dtype ([E, 2I, H] or [E, H, I]), the others untouched."""
+        return _widened(getattr(self, name), self._format(name), self.float_dtype)
+
+    def _format(self, name: str) -> Format:
+        return self.gate_up_format if name == "gate_up_proj" else self.down_format
+
     def to_float(self) -> Experts:
         """These experts dequantized, as the float Experts they stand for (in the model dtype)."""
-        w13 = _widened(self.gate_up_proj, self.gate_up_format, self.float_dtype)  # [E, 2I, H]
-        w2 = _widened(self.down_proj, self.down_format, self.float_dtype)  # [E, H, I]
+        w13, w2 = self.widened("gate_up_proj"), self.widened("down_proj")  # [E, 2I, H], [E, H, I]
         with torch.device("meta"):
             experts = Experts(w13.shape[0], w13.shape[2], w13.shape[1] // 2, backend=self.backend)
         experts.gate_up_proj = nn.Parameter(w13, requires_grad=False)

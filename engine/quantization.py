@@ -49,10 +49,11 @@ class QuantizedLinear(StoredWeights):
 class QuantizedExperts(StoredWeights):
     """Stacked int8 or int4 experts with their scales; same call as `Experts`."""
 
-    def __init__(self, experts: Experts, scheme: str, group: int) -> None:
+    def __init__(self, experts: Experts | Fp8Experts | GGUFExperts, scheme: str, group: int) -> None:
         super().__init__()
         for name in ("gate_up_proj", "down_proj"):  # [E, 2I, H], [E, H, I]
-            w = getattr(experts, name).data
+            # Stored-quantized experts widen one weight at a time: the layer's float copy is never whole.
+            w = getattr(experts, name).data if isinstance(experts, Experts) else experts.widened(name)
             q, scale = quantize_int8(w) if scheme == "int8" else quantize_int4(w, group)
             self.register_buffer(name, q)
             self.register_buffer(name.replace("_proj", "_scale"), scale)
@@ -136,6 +137,10 @@ def quantize_modules(
 
 
 def _quantized(module: nn.Module, scheme: str, group: int) -> nn.Module | None:
+    if isinstance(module, (Fp8Experts, GGUFExperts)):  # re-quantized from their stored weights
+        if scheme == "int4" and any(module.float_inputs(n) % group for n in ("gate_up_proj", "down_proj")):
+            return module.to_float()  # int4 cannot take them: float, as dequantized
+        return QuantizedExperts(module, scheme, group)
     if isinstance(module, (*FP8_MODULES, *GGUF_MODULES)):
         module = module.to_float()  # [N, K] in the model dtype, this module only
         return _quantized(module, scheme, group) or module
