@@ -706,15 +706,14 @@ def generate(
     import torch
 
     from engine import SamplingParams, load_model
-    from engine.reasoning import OPEN, ReasoningSplitter
+    from engine.reasoning import ReasoningSplitter
 
     dtype = torch.float32 if quantize is None else torch.bfloat16  # the int kernels are fast with bf16
     llm = load_model(model, dtype=dtype, quantize=quantize)
     chat = getattr(llm.tokenizer, "chat_template", None) is not None
     messages = [{"role": "user", "content": prompt}]
     ids = llm.prompt_ids(messages, enable_thinking=think) if chat else llm.prompt_ids(prompt)
-    # Templates like DeepSeek-R1's open the reasoning in the prompt itself.
-    splitter = ReasoningSplitter(starts_in_reasoning=llm.tokenizer.decode(ids).rstrip().endswith(OPEN))
+    splitter = ReasoningSplitter.after(llm.tokenizer.decode(ids))
     sampling = SamplingParams(temperature=temperature, seed=seed, max_new_tokens=max_tokens)
     tokens, start, first = 0, time.perf_counter(), None
     for token, delta in llm.stream_tokens(ids, sampling):

@@ -329,7 +329,7 @@ class EngineGenerator:
              cancel: threading.Event) -> Iterator[Delta]:
         from engine import SamplingParams
         from engine.errors import EngineError
-        from engine.reasoning import OPEN, ReasoningSplitter
+        from engine.reasoning import ReasoningSplitter
 
         model = self.model
         if not self._acquire(cancel):
@@ -338,7 +338,7 @@ class EngineGenerator:
         # or abandoned mid-answer, and the token loop closed with it (its KV cache freed).
         try:
             ids = model.prompt_ids(messages, enable_thinking=thinking)
-            splitter = ReasoningSplitter(starts_in_reasoning=model.tokenizer.decode(ids).rstrip().endswith(OPEN))
+            splitter = ReasoningSplitter.after(model.tokenizer.decode(ids))
             steps = model.stream_tokens(ids, SamplingParams(temperature=temperature, max_new_tokens=max_tokens))
             try:
                 for _, delta in steps:  # one item per decode step

@@ -64,11 +64,12 @@ def describe(path_or_id: str | Path) -> CheckpointInfo:
     quantization = stored_quantization(config, directory)
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     checkpoint_bytes = sum(p.stat().st_size for p in _shards(directory))
-    fmt, bits = weight_format(config, directory, quantization, dtype), checkpoint_bytes * 8 / max(total, 1)
     if gguf.is_gguf(directory):  # the file's own tensor types, and bits over its tensors alone
         summary = gguf.summarize(directory)
         types = ", ".join(f"{name} {count / max(total, 1):.0%}" for name, count in summary.tensor_types.items())
         fmt, bits = f"gguf ({types})", summary.bits_per_weight
+    else:
+        fmt, bits = weight_format(config, directory, quantization, dtype), checkpoint_bytes * 8 / max(total, 1)
     return CheckpointInfo(
         directory=directory,
         model_type=model_type,

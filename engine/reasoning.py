@@ -36,6 +36,12 @@ class ReasoningSplitter:
         self.pending = ""
         self.answer_started = False
 
+    @classmethod
+    def after(cls, prompt: str) -> ReasoningSplitter:
+        """A splitter for the reply to `prompt` (its text): templates like DeepSeek-R1's open the
+        reasoning in the prompt itself, so the reply starts inside it."""
+        return cls(starts_in_reasoning=prompt.rstrip().endswith(OPEN))
+
     def _answer(self, text: str) -> list[Piece]:
         if not self.answer_started:
             text = text.lstrip()
