@@ -5,6 +5,9 @@ transformers' `generate` and as a % of the memory-bandwidth limit (bytes of acti
 read per token / memory bandwidth), prefill tokens/s as a % of the fp32 matmul rate. The memory
 bandwidth is the fastest streaming rate seen in the run: a read (torch sum), a copy (read +
 write), or our own decode product over a 256 MiB weight of each format, each at the start and end.
+Each row's limit counts the bytes its model reads per token (experts at their top-k share). The
+published formats (fp8, mxfp4, q4_k) are the bf16 model converted in memory, attention and experts,
+with kernels/formats.py's quantizers (Q4_K by min/max, without llama.cpp's scale search).
 
     .venv/bin/python bench/engine.py [--dir bench/out/qwen3moe-1b] [--skip-transformers]
     .venv/bin/python bench/engine.py --load-memory int4   # peak RSS while loading, vs quantized size
@@ -27,9 +30,9 @@ from pathlib import Path
 # this very file; the repository root must win.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch  # noqa: E402
+import torch
 
-import engine  # noqa: E402
+import engine
 
 log = logging.getLogger("bench.engine")
 
@@ -91,7 +94,8 @@ def gemv_rates(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
     """Bytes/s of weights our decode product (native.gemv, one token, torch's threads) streams from
     memory, per weight format, best of `repeats`: the ceiling decode can reach with that kernel
     (how much of the gap to the memory bandwidth is the kernel's, how much the rest of a token's).
-    GGUF block types are timed on random blocks (bytes below 64: every fp16 scale a normal number)."""
+    Block types are timed on random blocks (bytes below 64: every fp16 scale a normal number; mxfp4's
+    exponents 2^-7)."""
     from engine import native
     from kernels.formats import GGUF_FORMATS, quantize_fp8, quantize_int4, quantize_int8
 
@@ -106,6 +110,8 @@ def gemv_rates(nbytes: int = 256 << 20, repeats: int = 5) -> dict[str, float]:
         n = int(nbytes / per_weight / k) // 64 * 64
         if fmt is not None:
             w = torch.randint(0, 64, fmt.stored_shape((n, k)), dtype=torch.uint8)
+            if fmt.name == "mxfp4":  # e8m0 bytes below 64 would scale by 2^-127..2^-64: fp32 subnormal
+                w.view(-1, fmt.block_bytes)[:, 0] = 120  # products, 2.4x slower (measured); checkpoints' are near 1
         else:
             w = torch.randn(n, k) * 0.02
         if name == "bf16":
@@ -147,6 +153,61 @@ def active_params_per_token() -> int:
     experts = c["num_experts_per_tok"] * 3 * h * c["moe_intermediate_size"]
     router = c["num_experts"] * h
     return c["num_hidden_layers"] * (attn + experts + router) + c["vocab_size"] * h  # + lm_head
+
+
+def active_weight_bytes(model: engine.Model, share: float | None = None) -> float:
+    """Bytes of weights one decode token reads from `model` as loaded: every tensor of the decoder
+    and the head, each routed expert tensor at its top-k `share` (the bench model's by default),
+    one row of the embedding."""
+    share = BENCH_CONFIG["num_experts_per_tok"] / BENCH_CONFIG["num_experts"] if share is None else share
+    total = 0.0
+    for name, t in [*model.net.named_parameters(), *model.net.named_buffers()]:
+        if "embed_tokens" in name:
+            total += t[0].nbytes
+        else:
+            total += t.nbytes * (share if ".experts." in name else 1)
+    return total
+
+
+def converted(model: engine.Model, fmt_name: str) -> engine.Model:
+    """`model` with its attention projections and experts in `fmt_name` (fp8 in blocks of 128
+    inputs, mxfp4, q4_k), in place: what a checkpoint published in that format loads to (router,
+    norms, embedding and head stay as loaded). Q4_K needs rows of whole 256-input blocks: a weight
+    whose rows are not (the bench's experts' down, 384 inputs) takes Q4_0, quantized by the gguf
+    package, as llama.cpp falls back to another 4.5-bit type for such tensors."""
+    from engine.fp8 import Fp8Experts, Fp8Linear
+    from engine.ggml_quants import GGUFExperts, GGUFLinear
+    from engine.moe import Experts
+    from kernels.formats import FP8, MXFP4, Q4_0, Q4_K, quantize
+
+    def stored(w: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if fmt is Q4_0:
+            import gguf
+
+            return torch.from_numpy(gguf.quants.quantize(w.float().numpy(), gguf.GGMLQuantizationType.Q4_0)), None
+        return quantize(w, fmt, group=128)
+
+    chosen = {"fp8": FP8, "mxfp4": MXFP4, "q4_k": Q4_K}[fmt_name]
+    for layer in model.net.model.layers:
+        targets = [(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        targets += [(layer.mlp, "experts")] if isinstance(getattr(layer.mlp, "experts", None), Experts) else []
+        for parent, name in targets:
+            old = getattr(parent, name)
+            experts = isinstance(old, Experts)
+            projs = ("gate_up_proj", "down_proj") if experts else ("weight",)
+            fmts = [Q4_0 if chosen is Q4_K and getattr(old, p).shape[-1] % 256 else chosen for p in projs]
+            if chosen is FP8:
+                new = Fp8Experts(old, 128) if experts else Fp8Linear(old, 128)
+            else:
+                new = GGUFExperts(old, *fmts) if experts else GGUFLinear(old, *fmts)
+            for proj, fmt in zip(projs, fmts, strict=True):
+                weight, scale = stored(getattr(old, proj), fmt)
+                getattr(new, proj).copy_(weight)
+                if scale is not None:
+                    getattr(new, proj.replace("_proj", "_scale") if experts else "scale").copy_(scale)
+            setattr(parent, name, new)
+    model.net.weights_changed()
+    return model
 
 
 def kv_bytes_per_token(context: int, element: int) -> int:
@@ -399,15 +460,20 @@ def main() -> None:
     quality_prompt = list(range(1, 64 * 37, 37))
     reference_logits: torch.Tensor | None = None
     reference_tokens: list[int] = []
-    for label, dtype, scheme, weight_bytes in (
-        ("engine fp32", torch.float32, None, 4.0),
-        ("engine bf16", torch.bfloat16, None, 2.0),
-        ("engine int8 (bf16 model)", torch.bfloat16, "int8", 1.0),
-        # 4 bits plus a bf16 scale and zero per 128 weights.
-        ("engine int4 g128 (bf16 model)", torch.bfloat16, "int4", 0.5 + 4 / 128),
+    for label, dtype, scheme, fmt in (
+        ("engine fp32", torch.float32, None, None),
+        ("engine bf16", torch.bfloat16, None, None),
+        ("engine int8 (bf16 model)", torch.bfloat16, "int8", None),
+        ("engine int4 g128 (bf16 model)", torch.bfloat16, "int4", None),
+        # The published formats, converted from the bf16 model (attention and experts; head bf16).
+        ("engine fp8 b128", torch.bfloat16, None, "fp8"),
+        ("engine mxfp4", torch.bfloat16, None, "mxfp4"),
+        ("engine q4_k (down q4_0)", torch.bfloat16, None, "q4_k"),
     ):
         log.info("%s...", label)
         model = engine.load_model(directory, dtype=dtype, quantize=scheme)
+        if fmt is not None:
+            model = converted(model, fmt)
         logits = model.logits(quality_prompt)
         tokens = model.generate(quality_prompt, max_new_tokens=32, eos_token_ids=())
         if reference_logits is None:
@@ -416,7 +482,7 @@ def main() -> None:
         agree = next((i for i, (a, b) in enumerate(zip(tokens, reference_tokens, strict=False)) if a != b), len(tokens))
         prefill_s, tps = engine_decode(model, prompt, opts.decode_tokens)
         element = 4 if dtype == torch.float32 else 2
-        limit = bandwidth / (active_params_per_token() * weight_bytes + kv_bytes_per_token(context, element))
+        limit = bandwidth / (active_weight_bytes(model) + kv_bytes_per_token(context, element))
         long_prefill = engine_prefill(model, opts.prefill_tokens)
         matmul_frac = long_prefill * prefill_flops(opts.prefill_tokens) / opts.prefill_tokens / flops
         rows.append((label, tps, tps / baseline if baseline else None, tps / limit, prefill_s, matmul_frac))

@@ -62,6 +62,23 @@ class RopeArgs:
         )
 
 
+@dataclass(frozen=True)
+class DecoderArgs:
+    """The fields every grouped-query-attention decoder reads alike from config.json (`gqa_fields`);
+    each architecture's args add their own after these."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # the dense MLP's width (one expert's, in families without a dense MLP)
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    rope: RopeArgs
+
+
 def gqa_fields(c: dict[str, Any], *, eps: float) -> dict[str, Any]:
     """The fields every grouped-query-attention decoder (llama, qwen2/3, qwen3_moe, mixtral) reads
     the same way; `eps` is the family's rms_norm_eps default when config.json omits it."""

@@ -8,6 +8,8 @@ a native backend (engine/backends) that CausalLM builds from its weights and own
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -28,11 +30,11 @@ class KVCache(list):
 class Block(nn.Module):
     """x + attn(norm(x)), then x + mlp(norm(x)); the MLP may be dense or a mixture of experts."""
 
-    def __init__(self, attn: nn.Module, mlp: nn.Module, hidden: int, eps: float) -> None:
+    def __init__(self, attn: nn.Module, mlp: nn.Module, hidden: int, eps: float, *, offset_norms: bool = False) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(hidden, eps)
+        self.input_layernorm = RMSNorm(hidden, eps, offset=offset_norms)
         self.self_attn = attn
-        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, offset=offset_norms)
         self.mlp = mlp
 
     def forward(
@@ -43,12 +45,12 @@ class Block(nn.Module):
 
 
 class Backbone(nn.Module):
-    def __init__(self, vocab: int, hidden: int, blocks: list[Block], eps: float) -> None:
+    def __init__(self, vocab: int, hidden: int, blocks: list[Block], eps: float, *, offset_norm: bool) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(vocab, hidden)
         self.embed_tokens.requires_grad_(False)
         self.layers = nn.ModuleList(blocks)
-        self.norm = RMSNorm(hidden, eps)
+        self.norm = RMSNorm(hidden, eps, offset=offset_norm)
 
 
 class CausalLM(nn.Module):
@@ -64,9 +66,10 @@ class CausalLM(nn.Module):
         rope: Rope,
         tie_word_embeddings: bool,
         max_position_embeddings: int,
+        offset_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.model = Backbone(vocab, hidden, blocks, eps)
+        self.model = Backbone(vocab, hidden, blocks, eps, offset_norm=offset_norm)
         self.lm_head = linear(hidden, vocab)
         if tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -78,6 +81,24 @@ class CausalLM(nn.Module):
         self.native_decode = True
         self.fuse_blocks = True
         self._native: NativeCPU | None = None
+
+    @classmethod
+    def assemble(
+        cls, args: Any, blocks: list[Block], *, rope_dim: int | None = None, offset_norm: bool = False
+    ) -> CausalLM:
+        """The model around `blocks`, from what every architecture's args hold alike (config.DecoderArgs'
+        vocab_size, hidden_size, rms_norm_eps, rope, tie_word_embeddings), with RoPE over `rope_dim`
+        dims (default: args.head_dim)."""
+        return cls(
+            args.vocab_size,
+            args.hidden_size,
+            blocks,
+            eps=args.rms_norm_eps,
+            rope=Rope(args.rope, rope_dim or args.head_dim),
+            tie_word_embeddings=args.tie_word_embeddings,
+            max_position_embeddings=args.rope.max_position_embeddings,
+            offset_norm=offset_norm,
+        )
 
     @property
     def compute_dtype(self) -> torch.dtype:

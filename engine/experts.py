@@ -90,12 +90,14 @@ def cpu_sorted(
     if (
         x.device.type == "cpu"
         and t <= SMALL_M
-        and w13_format == w2_format  # the kernel reads both in one format
         and native.supports(w13, w13_format)
         and native.supports(w2, w2_format)
         and native.available()
     ):
-        out = native.moe(x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale, group=group, fmt=w13_format)
+        out = native.moe(
+            x, w13, w2, weights, ids, w13_scale=w13_scale, w2_scale=w2_scale, group=group, fmt=w13_format,
+            w2_format=w2_format,
+        )  # fmt: skip
         return out.to(x.dtype)
     flat = ids.reshape(-1)  # [T*K]
     order = torch.argsort(flat, stable=True)  # [T*K]

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from engine.errors import EngineError
 from engine.fp8 import FP8_MODULES
+from engine.gptq import INT4ZP_EXPERTS, INT4ZP_LINEARS
 from engine.loader import QUANTIZATION_KEY, QUANTIZATION_LAYOUT
 from engine.model import Model, load_model
 
@@ -38,6 +39,11 @@ def write_checkpoint(model: Model, dst: str | Path, *, shard_bytes: int = SHARD_
         raise EngineError(
             f"{model.directory} is an FP8 checkpoint, loaded as it is stored: use it directly, or write an int8 / "
             "int4 copy with: moerag model quantize SRC DST --scheme int4"
+        )
+    if any(isinstance(m, (*INT4ZP_LINEARS, *INT4ZP_EXPERTS)) for m in model.net.modules()):
+        raise EngineError(
+            f"{model.directory} is a GPTQ / AWQ checkpoint whose int4 weights are loaded as they are stored: use it "
+            "directly, or write a copy with every target re-quantized: moerag model quantize SRC DST --scheme int4"
         )
     dst.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt"}

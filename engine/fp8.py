@@ -23,13 +23,10 @@ from engine.experts import EXPERT_BACKENDS
 from engine.layers import StoredWeights, linear
 from engine.moe import Experts
 from engine.qmatmul import linear as qlinear
+from engine.quant_methods import quant_method, refusal
 from kernels.formats import CHUNK_ELEMENTS, FP8, dequantize
 
 SCALE_SUFFIX = ".weight_scale_inv"  # the checkpoint's name for a quantized weight's block scales
-LOADABLE = (
-    "float checkpoints (float32, bfloat16, float16), quant_method 'fp8' with fmt 'e4m3' and a "
-    "weight_block_size (DeepSeek-V3's layout), and checkpoints written by moerag model quantize"
-)
 
 
 @dataclass(frozen=True)
@@ -41,21 +38,16 @@ class Fp8Blocks:
 
 
 def checkpoint_fp8(config: dict[str, Any], directory: Path) -> Fp8Blocks | None:
-    """The FP8 blocks config.json's quantization_config declares, None without one; a CheckpointError
-    naming anything else (another quant_method, fmt e5m2, per-tensor scales, static activations)."""
-    section = config.get("quantization_config")
-    if section is None:
+    """The FP8 blocks config.json's quantization_config declares, None without one or for another
+    loadable method; a CheckpointError naming what cannot load (an unknown quant_method, fmt e5m2,
+    per-tensor scales, static activations)."""
+    if quant_method(config, directory) != "fp8":
         return None
-    where = directory / "config.json"
+    section = config["quantization_config"]
 
     def refuse(what: str) -> CheckpointError:
-        return CheckpointError(
-            f"{where}: quantization_config has {what}, which the engine cannot load. Loadable: {LOADABLE}."
-        )
+        return refusal(directory / "config.json", what)
 
-    if not isinstance(section, dict) or section.get("quant_method") != "fp8":
-        method = section.get("quant_method") if isinstance(section, dict) else section
-        raise refuse(f"quant_method {method!r}")
     if section.get("fmt", "e4m3") != "e4m3":
         raise refuse(f"fp8 fmt {section['fmt']!r}")
     if section.get("activation_scheme", "dynamic") != "dynamic":
@@ -147,6 +139,14 @@ def _dequantized(w: torch.Tensor, scale: torch.Tensor, block: int, dtype: torch.
 
 
 FP8_MODULES = (Fp8Linear, Fp8Experts)
+
+
+def refuse_nan(w: torch.Tensor, where: str) -> None:
+    """A CheckpointError if fp8 weights hold e4m3fn's NaN (bytes 0x7F / 0xFF): the kernels read every
+    byte as a number (NaN as 480), so a damaged tensor would give finite, wrong answers."""
+    nan = (w.view(torch.uint8) & 0x7F) == 0x7F
+    if bool(nan.any()):
+        raise CheckpointError(f"{where} holds {int(nan.sum())} NaN fp8 weight(s); the file is damaged.")
 
 
 def make_fp8(net: nn.Module, scaled: list[str], block: int) -> int:

@@ -15,12 +15,13 @@ from torch import nn
 
 from engine.errors import CheckpointError
 from engine.experts import EXPERT_BACKENDS
-from engine.layers import StoredWeights, linear
+from engine.layers import StoredWeights, child, linear, swap
 from engine.moe import Experts
 from engine.qmatmul import linear as qlinear
 from kernels.formats import CHUNK_ELEMENTS, Format, dequantize
 
-_EXPERT_PROJS = {"gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
+_EXPERT_PROJS = {"gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}  # per expert
+_STACKED_PROJS = {"gate_up_proj": "gate_up", "down_proj": "down"}  # every expert in one tensor
 
 
 class GGUFLinear(StoredWeights):
@@ -105,8 +106,8 @@ GGUF_MODULES = (GGUFLinear, GGUFExperts)
 def make_gguf(net: nn.Module, formats: dict[str, Format]) -> set[str]:
     """Swap the Linears and stacked Experts whose weights the file stores in blocks for GGUF modules.
 
-    `formats`: weight name (as the engine's modules name it; per expert for experts,
-    `...experts.3.gate_proj.weight`) -> its block format. Returns the names now read as raw blocks;
+    `formats`: weight name (as the engine's modules name it; for experts per expert,
+    `...experts.3.gate_proj.weight`, or stacked, `...experts.gate_up_proj`) -> its block format. Returns the names now read as raw blocks;
     the others stay float (their blocks are widened as they are read). Experts need every expert's
     gate, up and down in blocks, gate and up in one format (they share one stacked tensor).
     """
@@ -116,16 +117,18 @@ def make_gguf(net: nn.Module, formats: dict[str, Format]) -> set[str]:
         parts = name.removesuffix(".weight").split(".")
         if len(parts) >= 3 and parts[-3] == "experts" and parts[-2].isdigit() and parts[-1] in _EXPERT_PROJS:
             experts.setdefault(".".join(parts[:-2]), {}).setdefault(_EXPERT_PROJS[parts[-1]], set()).add(fmt)
+        elif len(parts) >= 2 and parts[-2] == "experts" and parts[-1] in _STACKED_PROJS:
+            experts.setdefault(".".join(parts[:-1]), {}).setdefault(_STACKED_PROJS[parts[-1]], set()).add(fmt)
         else:
             linears[".".join(parts)] = fmt
     kept: set[str] = set()
     for path, fmt in linears.items():
-        if isinstance(_child(net, path), nn.Linear):
-            _swap(net, path, GGUFLinear(_child(net, path), fmt))
+        if isinstance(child(net, path), nn.Linear):
+            swap(net, path, GGUFLinear(child(net, path), fmt))
             kept.add(f"{path}.weight")
     for path, found in experts.items():
-        child = _child(net, path)
-        if not isinstance(child, Experts):
+        module = child(net, path)
+        if not isinstance(module, Experts):
             continue
         if len(found.get("gate_up", ())) != 1 or len(found.get("down", ())) != 1:
             raise CheckpointError(
@@ -133,19 +136,6 @@ def make_gguf(net: nn.Module, formats: dict[str, Format]) -> set[str]:
                 f"tensors in blocks ({ {k: sorted(f.name for f in v) for k, v in found.items()} }); "
                 "the engine stores gate and up as one tensor in one format."
             )
-        _swap(net, path, GGUFExperts(child, *found["gate_up"], *found["down"]))
+        swap(net, path, GGUFExperts(module, *found["gate_up"], *found["down"]))
         kept |= {n for n in formats if n.startswith(f"{path}.")}
     return kept
-
-
-def _child(net: nn.Module, path: str) -> nn.Module | None:
-    parent_name, _, child_name = path.rpartition(".")
-    try:
-        return getattr(net.get_submodule(parent_name), child_name)
-    except AttributeError:
-        return None
-
-
-def _swap(net: nn.Module, path: str, module: nn.Module) -> None:
-    parent_name, _, child_name = path.rpartition(".")
-    setattr(net.get_submodule(parent_name), child_name, module)

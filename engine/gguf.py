@@ -32,6 +32,7 @@ _TOKENIZER_ARRAYS = (
     "tokenizer.ggml.merges",
 )
 _FLOAT_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+TENSOR_TYPES = (*_FLOAT_TYPES, *GGUF_FORMATS)  # every tensor type the engine reads
 _DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
@@ -105,7 +106,7 @@ def _check_types(path: Path, tensors: list[_Tensor]) -> None:
         if t.type not in _FLOAT_TYPES and t.type not in GGUF_FORMATS:
             raise CheckpointError(
                 f"{path.name}: tensor {t.name} is {t.type}, which the engine cannot load. Supported GGUF tensor "
-                f"types: {', '.join([*_FLOAT_TYPES, *GGUF_FORMATS])}; requantize with llama.cpp's llama-quantize "
+                f"types: {', '.join(TENSOR_TYPES)}; requantize with llama.cpp's llama-quantize "
                 "(e.g. Q4_K_M) or convert with convert_hf_to_gguf.py --outtype bf16."
             )
         fmt = GGUF_FORMATS.get(t.type)

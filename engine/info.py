@@ -17,8 +17,10 @@ import torch
 
 from engine import gguf
 from engine.fp8 import checkpoint_fp8
+from engine.gptq import checkpoint_int4
 from engine.loader import _shards, read_architecture, stored_quantization
 from engine.moe import Experts
+from engine.quant_methods import quant_method
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,25 @@ def weight_format(config: dict[str, Any], directory: Path, quantization: dict[st
     fp8 = checkpoint_fp8(config, directory)
     if fp8 is not None:
         return f"fp8 e4m3 (blocks of {fp8.rows} x {fp8.inputs}, kept 8-bit)"
+    int4 = checkpoint_int4(config, directory)
+    if int4 is not None:
+        return int4.describe()
+    if quant_method(config, directory) == "mxfp4":
+        return "mxfp4 (e2m1 in blocks of 32 with e8m0 scales, kept 4-bit)"
     return dtype
+
+
+def supported() -> dict[str, list[str]]:
+    """What the engine loads: architectures (config.json model_type), quantized checkpoint formats
+    (quantization_config quant_method) and GGUF tensor types."""
+    from engine.models import ARCHITECTURES
+    from engine.quant_methods import LOADABLE
+
+    return {
+        "architectures": sorted(ARCHITECTURES),
+        "quant_methods": list(LOADABLE),
+        "gguf tensor types": list(gguf.TENSOR_TYPES),
+    }
 
 
 def describe(path_or_id: str | Path) -> CheckpointInfo:

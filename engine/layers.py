@@ -33,16 +33,38 @@ class StoredWeights(nn.Module):
         return self
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back before the weight, as transformers does."""
+def child(net: nn.Module, path: str) -> nn.Module | None:
+    """The module at dotted `path` under `net`, or None (the loaders swap modules by checkpoint name)."""
+    parent_name, _, child_name = path.rpartition(".")
+    try:
+        return getattr(net.get_submodule(parent_name), child_name)
+    except AttributeError:
+        return None
 
-    def __init__(self, dim: int, eps: float) -> None:
+
+def swap(net: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at dotted `path` under `net`, in place of what is there."""
+    parent_name, _, child_name = path.rpartition(".")
+    setattr(net.get_submodule(parent_name), child_name, module)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back before the weight, as transformers does. With `offset`
+    (Qwen3-Next, Qwen3.5) the weight is stored centred on zero and scales by 1 + weight, in fp32."""
+
+    def __init__(self, dim: int, eps: float, *, offset: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
-        self.eps = eps
+        self.eps, self.offset = eps, offset
+
+    def scale(self) -> torch.Tensor:
+        """The multiplier after normalizing, fp32 [dim] (what the native kernels read)."""
+        return self.weight.float() + 1 if self.offset else self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.offset:
+            return (normed * self.scale()).to(x.dtype)
         return self.weight * normed.to(x.dtype)
 
 
@@ -100,7 +122,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, sca
 
 
 class Attention(nn.Module):
-    """Grouped-query attention; optional q/k/v bias (Qwen2) and per-head q/k RMSNorm (Qwen3)."""
+    """Grouped-query attention; optional q/k/v bias (Qwen2), q/k RMSNorm per head (Qwen3) or over the
+    whole projection (OLMoE, `qk_norm_per_head=False`), q/k/v clipped to +-clip_qkv (OLMoE), and RoPE
+    on the first `rotary_dim` dims of each head only (GLM's partial rotary; cos/sin that wide)."""
 
     def __init__(
         self,
@@ -112,6 +136,9 @@ class Attention(nn.Module):
         qkv_bias: bool = False,
         o_bias: bool = False,
         qk_norm_eps: float | None = None,
+        qk_norm_per_head: bool = True,
+        clip_qkv: float | None = None,
+        rotary_dim: int | None = None,
     ) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
@@ -119,9 +146,11 @@ class Attention(nn.Module):
         self.k_proj = linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = linear(heads * head_dim, hidden, bias=o_bias)
+        self.qk_norm_per_head, self.clip_qkv = qk_norm_per_head, clip_qkv
+        self.rotary_dim = rotary_dim or head_dim  # GLM: RoPE on the first dims of each head only
         if qk_norm_eps is not None:
-            self.q_norm = RMSNorm(head_dim, qk_norm_eps)
-            self.k_norm = RMSNorm(head_dim, qk_norm_eps)
+            self.q_norm = RMSNorm(head_dim if qk_norm_per_head else heads * head_dim, qk_norm_eps)
+            self.k_norm = RMSNorm(head_dim if qk_norm_per_head else kv_heads * head_dim, qk_norm_eps)
         else:
             self.q_norm = self.k_norm = None
 
@@ -138,13 +167,18 @@ class Attention(nn.Module):
         start: int,
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)  # [B, T, N, D]
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)  # [B, T, G, D]
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)  # [B, T, G, D]
-        if self.q_norm is not None:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)  # [B, T, N*D], [B, T, G*D] x 2
+        if self.q_norm is not None and not self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rotate(q.transpose(1, 2), cos, sin)  # [B, N, T, D]
-        k = rotate(k.transpose(1, 2), cos, sin)  # [B, G, T, D]
+        if self.clip_qkv is not None:
+            q, k, v = (z.clamp(-self.clip_qkv, self.clip_qkv) for z in (q, k, v))
+        q = q.view(b, t, self.heads, self.head_dim)  # [B, T, N, D]
+        k = k.view(b, t, self.kv_heads, self.head_dim)  # [B, T, G, D]
+        v = v.view(b, t, self.kv_heads, self.head_dim)  # [B, T, G, D]
+        if self.q_norm is not None and self.qk_norm_per_head:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = self._rotate(q.transpose(1, 2), cos, sin)  # [B, N, T, D]
+        k = self._rotate(k.transpose(1, 2), cos, sin)  # [B, G, T, D]
         v = v.transpose(1, 2)  # [B, G, T, D]
         if cache is not None:
             cache[0][:, :, start : start + t] = k
@@ -152,3 +186,9 @@ class Attention(nn.Module):
             k, v = cache[0][:, :, : start + t], cache[1][:, :, : start + t]  # [B, G, S, D]
         out = attend(q, k, v, start=start, scale=self.head_dim**-0.5)  # [B, N, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))  # [B, T, H]
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, N, T, D] with its first rotary_dim dims rotated (all of them unless partial)."""
+        if self.rotary_dim == self.head_dim:
+            return rotate(x, cos, sin)
+        return torch.cat([rotate(x[..., : self.rotary_dim], cos, sin), x[..., self.rotary_dim :]], dim=-1)

@@ -7,7 +7,9 @@ Peak memory is the transformed model plus one float layer. A checkpoint written 
 `write_checkpoint` records its quantization; its modules are quantized on the meta device
 first, so its stored integer tensors load as they are. An FP8 checkpoint (engine/fp8.py) is
 loaded the same way: the modules whose weights have a weight_scale_inv become FP8 on the meta
-device, and a `transform` that quantizes re-quantizes them one at a time. Every checkpoint
+device, and a `transform` that quantizes re-quantizes them one at a time. So is a GGUF file or an
+MXFP4 checkpoint (engine/mxfp4.py): the modules whose weights they store in blocks hold the blocks
+(engine/ggml_quants.py). Every checkpoint
 tensor must land in exactly one place, and every place must be filled once. Per-expert
 tensors (`experts.N.gate_proj`, Mixtral's `w1/w3/w2`) and already-stacked ones
 (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj [E, H, I]`) both fill the stacked experts.
@@ -38,12 +40,15 @@ from engine.errors import (
     UnexpectedTensorError,
     UnsupportedArchitectureError,
 )
-from engine.fp8 import SCALE_SUFFIX, Fp8Blocks, checkpoint_fp8, make_fp8
+from engine.fp8 import SCALE_SUFFIX, Fp8Blocks, checkpoint_fp8, make_fp8, refuse_nan
 from engine.ggml_quants import make_gguf
+from engine.gptq import checkpoint_int4, make_int4
 from engine.models import ARCHITECTURES, Architecture
+from engine.mxfp4 import Mxfp4Tensors
+from engine.quant_methods import quant_method
 from engine.quantization import check_scheme, quantize_modules
 from engine.tensorfile import TensorFile
-from kernels.formats import fp8_row_scales
+from kernels.formats import FP8, fp8_row_scales
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,7 @@ QUANTIZATION_KEY = "moerag_quantization"  # config.json section written by write
 QUANTIZATION_LAYOUT = 2  # the tensor layouts of engine.qmatmul; 1 was torch's own int4 packing
 
 Slot = tuple[int, str]  # (expert index or -1, "gate" | "up" | "all")
+_BLOCK_FILES = (gguf.GGUFTensors, Mxfp4Tensors)  # files that serve some tensors in block formats (`formats`)
 
 
 @dataclass
@@ -206,6 +212,17 @@ def _rename(renames: list[tuple[re.Pattern, str]], ckpt_name: str) -> str:
     return name
 
 
+def _relaid(tensor: torch.Tensor, steps: tuple[str, ...], *, blocks: bool) -> torch.Tensor:
+    """A checkpoint tensor laid out as the engine holds it (Architecture.layouts); `blocks`: served
+    by a file of block formats (GGUF, MXFP4), whose rows are outputs already."""
+    for step in steps:
+        if step == "transpose" and not blocks:
+            tensor = tensor.transpose(-1, -2)
+        elif step == "deinterleave":
+            tensor = torch.cat([tensor[:, 0::2], tensor[:, 1::2]], dim=1)
+    return tensor.contiguous()
+
+
 def _listing(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
@@ -223,6 +240,7 @@ class _Filler:
         self.expected = {n: _expected_slots(n, p, fp8 is not None) for n, p in self.params.items()}
         self.filled: dict[str, set[Slot]] = {n: set() for n in self.params}
         self.renames = [(re.compile(p), r) for p, r in arch.renames]
+        self.layouts = [(re.compile(p), steps) for p, steps in arch.layouts]
         # A tied head has no tensor of its own, unless quantization gave it one.
         tied = tied and "lm_head.weight" not in self.params
         ignore = list(arch.ignore(args)) + (["lm_head\\.weight"] if tied else [])
@@ -243,34 +261,50 @@ class _Filler:
             self.ignored += 1
             return
         scales = self.fp8 is not None and name.endswith(SCALE_SUFFIX)
-        match = _PER_EXPERT.fullmatch(name)
-        if match and (scales or match["kind"] == "weight"):
-            part = _PART[match["proj"]]
-            kind = "scale" if scales else "proj"
-            param_name = match["prefix"] + (".down_" if part == "all" else ".gate_up_") + kind
-            expert = int(match["expert"])
-            if param_name not in self.params or expert >= self.params[param_name].shape[0]:
-                self.unexpected.append(ckpt_name)
-                return
-            slots = {(expert, part)}
-            dst = self._live(param_name)[expert]
-            if part != "all":
-                width = dst.shape[0] // 2
-                dst = dst[:width] if part == "gate" else dst[width:]
-        elif scales and name.removesuffix(SCALE_SUFFIX) + ".scale" in self.params:  # an Fp8Linear's
-            param_name = name.removesuffix(SCALE_SUFFIX) + ".scale"
-            dst, slots = self._live(param_name), self.expected[param_name]
-        elif name in self.params and not scales:
-            param_name, dst = name, self._live(name)
-            slots = self.expected[name]
-        else:
+        target = self._target(name, scales)
+        if target is None:
             self.unexpected.append(ckpt_name)
             return
+        param_name, dst, slots = target
         if self.filled[param_name] & slots:
             raise UnexpectedTensorError(
                 f"The checkpoint provides {ckpt_name} more than once (or also in stacked form)."
             )
-        shape = source.shape(ckpt_name)
+        self._fill(ckpt_name, name, source, dst, scales)
+        self.filled[param_name] |= slots
+
+    def _target(self, name: str, scales: bool) -> tuple[str, torch.Tensor, set[Slot]] | None:
+        """Where the tensor the engine calls `name` goes: (parameter, the part of it, the slots that
+        part fills), or None when the model has no place for it."""
+        match = _PER_EXPERT.fullmatch(name)
+        if match and (scales or match["kind"] == "weight"):
+            part = _PART[match["proj"]]
+            param_name = (
+                match["prefix"] + (".down_" if part == "all" else ".gate_up_") + ("scale" if scales else "proj")
+            )
+            expert = int(match["expert"])
+            if param_name not in self.params or expert >= self.params[param_name].shape[0]:
+                return None
+            dst = self._live(param_name)[expert]
+            if part != "all":
+                width = dst.shape[0] // 2
+                dst = dst[:width] if part == "gate" else dst[width:]
+            return param_name, dst, {(expert, part)}
+        if scales and name.removesuffix(SCALE_SUFFIX) + ".scale" in self.params:  # an Fp8Linear's
+            param_name = name.removesuffix(SCALE_SUFFIX) + ".scale"
+            return param_name, self._live(param_name), self.expected[param_name]
+        if name in self.params and not scales:
+            return name, self._live(name), self.expected[name]
+        return None
+
+    def _fill(self, ckpt_name: str, name: str, source: TensorFile, dst: torch.Tensor, scales: bool) -> None:
+        """Read the tensor into `dst` once its shape checks out: relaid as its architecture declares
+        (Architecture.layouts), FP8 scales repeated over their block's rows, the rest as stored."""
+        steps = next((s for p, s in self.layouts if p.fullmatch(name)), None)
+        relaid = None
+        if steps is not None:  # a tensor a block format stores (GGUF, MXFP4) has rows of outputs already
+            relaid = _relaid(source.get(ckpt_name), steps, blocks=ckpt_name in getattr(source, "formats", {}))
+        shape = source.shape(ckpt_name) if relaid is None else tuple(relaid.shape)
         # FP8 scales come per block of rows, [ceil(N/Bo), G], and are stored per row, [N, G].
         want = (-(-dst.shape[0] // self.fp8.rows), dst.shape[1]) if scales else tuple(dst.shape)
         if shape != want:
@@ -278,11 +312,14 @@ class _Filler:
                 f"Checkpoint tensor {ckpt_name} has shape {shape}, but config.json implies "
                 f"{want}. The config.json does not belong to these weights."
             )
-        if scales:
+        if relaid is not None:
+            dst.copy_(relaid)
+        elif scales:
             dst.copy_(fp8_row_scales(source.get(ckpt_name), dst.shape[0], self.fp8.rows))
         else:
             source.read_into(ckpt_name, dst)
-        self.filled[param_name] |= slots
+            if dst.dtype == FP8.dtype:
+                refuse_nan(dst, f"{source.path}: {ckpt_name}")
 
     def check(self, directory: Path) -> None:
         if self.unexpected:
@@ -374,16 +411,18 @@ def _freed_memory_returned() -> Iterator[None]:
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
-def _keep_gguf_blocks(net: nn.Module, arch: Architecture, dtype: torch.dtype, files: list[gguf.GGUFTensors]) -> None:
-    """Make the modules whose weights a GGUF stores in blocks GGUF modules (on meta, float dtypes
-    set first), and have the files serve those tensors as raw blocks."""
+def _keep_blocks(
+    net: nn.Module, arch: Architecture, dtype: torch.dtype, files: list[gguf.GGUFTensors | Mxfp4Tensors]
+) -> None:
+    """Make the modules whose weights the files store in blocks (GGUF's types, MXFP4) block modules
+    (on meta, float dtypes set first), and have the files serve those tensors as raw blocks."""
     renames = [(re.compile(p), r) for p, r in arch.renames]
     formats = {_rename(renames, n): fmt for f in files for n, fmt in f.formats.items()}
     _materialize(net, dtype, torch.device("meta"), arch.keep_fp32)
     kept = make_gguf(net, formats)
     for f in files:
         f.keep_blocks({n for n in f.formats if _rename(renames, n) in kept})
-    log.info("%d GGUF block tensors stay quantized", len(kept))
+    log.info("%d block tensors stay quantized", len(kept))
 
 
 def load_checkpoint(
@@ -411,11 +450,12 @@ def _load(
     dtype = resolve_dtype(dtype, config, directory)
     quantization = stored_quantization(config, directory)
     fp8 = None if quantization is not None else checkpoint_fp8(config, directory)  # moerag's own tensors win
+    int4 = None if quantization is not None else checkpoint_int4(config, directory)  # GPTQ / AWQ
     shards = _shards(directory)
     device = torch.device(device)
     with torch.device("meta"):
         net = arch.build(args)
-    if quantization is not None or fp8 is not None:
+    if quantization is not None or fp8 is not None or int4 is not None:
         # dtypes first (scales take the model dtype), then the quantized modules, all shapes only.
         _materialize(net, dtype, torch.device("meta"), arch.keep_fp32)
     if quantization is not None:
@@ -425,13 +465,22 @@ def _load(
     files: list[TensorFile] = []
     try:
         for shard in shards:
-            files.append(gguf.GGUFTensors(shard, config) if gguf.is_gguf(shard) else TensorFile(shard))
+            if gguf.is_gguf(shard):
+                files.append(gguf.GGUFTensors(shard, config))
+            else:
+                files.append(TensorFile(shard))
+                if quantization is None and quant_method(config, directory) == "mxfp4":
+                    files[-1] = Mxfp4Tensors(files[-1])
         if fp8 is not None:
             renames = [(re.compile(p), r) for p, r in arch.renames]
             scaled = [_rename(renames, n) for f in files for n in f.names if n.endswith(SCALE_SUFFIX)]
             log.info("%d modules stay fp8 (blocks %d x %d)", make_fp8(net, scaled, fp8.inputs), fp8.rows, fp8.inputs)
-        if quantization is None and any(isinstance(f, gguf.GGUFTensors) and f.formats for f in files):
-            _keep_gguf_blocks(net, arch, dtype, [f for f in files if isinstance(f, gguf.GGUFTensors)])
+        if int4 is not None:  # its modules become int4zp on meta; the shards then serve them repacked
+            renames = [(re.compile(p), r) for p, r in arch.renames]
+            files = [make_int4(net, files, int4, lambda name: _rename(renames, name))]
+        block_files = [f for f in files if isinstance(f, _BLOCK_FILES)]
+        if quantization is None and any(f.formats for f in block_files):
+            _keep_blocks(net, arch, dtype, block_files)
         filler = _Filler(net, arch, args, tied=bool(config.get("tie_word_embeddings", False)), fp8=fp8)
         groups: dict[int | None, list[tuple[TensorFile, str]]] = {}  # decoder layer -> its tensors
         for f in files:
@@ -466,6 +515,11 @@ def _load(
         log.info("ignored %d checkpoint tensors this engine does not use (e.g. MTP layers)", filler.ignored)
     net.eval()
     return LoadedCheckpoint(
-        net=net, args=args, model_type=model_type, config=config, directory=directory, quantization=quantization,
+        net=net,
+        args=args,
+        model_type=model_type,
+        config=config,
+        directory=directory,
+        quantization=quantization,
         dtype=dtype,
     )

@@ -21,6 +21,7 @@ from engine.errors import ContextLengthError, EngineError
 from engine.experts import EXPERT_BACKENDS, default_backend
 from engine.loader import Dtype, check_dtype, load_checkpoint
 from engine.quantization import TARGETS, check_scheme, quantize_modules
+from engine.reasoning import is_harmony
 from engine.sampling import SamplingParams, choose, penalize_repeats
 from engine.stops import StopStrings
 from engine.tokenizer import Detokenizer, Message, chat_prompt, load_tokenizer
@@ -117,14 +118,19 @@ class Model:
         /,
         *,
         enable_thinking: bool | None = None,
+        reasoning_effort: str | None = None,
         **settings: Any,
     ) -> Iterator[str]:
         """Text deltas of the reply to one prompt (text, token ids or chat messages), as decoded.
 
-        A delta never ends inside a multi-byte character; special tokens (EOS) are not shown.
+        A delta never ends inside a multi-byte character; special tokens (EOS) are not shown, except
+        gpt-oss's harmony markers, which engine.reasoning.reply_splitter reads and drops.
         Generation ends at the first of the `stop` strings, which is not shown (nor anything after it).
         """
-        for _, delta in self.stream_tokens(prompt, params, enable_thinking=enable_thinking, **settings):
+        steps = self.stream_tokens(
+            prompt, params, enable_thinking=enable_thinking, reasoning_effort=reasoning_effort, **settings
+        )
+        for _, delta in steps:
             if delta:
                 yield delta
 
@@ -135,11 +141,14 @@ class Model:
         /,
         *,
         enable_thinking: bool | None = None,
+        reasoning_effort: str | None = None,
         **settings: Any,
     ) -> Completion:
         """The whole reply to one prompt: its token ids and its text (cut before a stop string)."""
         params = (params or SamplingParams()).updated(**settings)
-        steps = list(self.stream_tokens(prompt, params, enable_thinking=enable_thinking))
+        steps = list(
+            self.stream_tokens(prompt, params, enable_thinking=enable_thinking, reasoning_effort=reasoning_effort)
+        )
         return Completion(token_ids=[t for t, _ in steps if t is not None], text="".join(d for _, d in steps))
 
     def stream_tokens(
@@ -149,13 +158,16 @@ class Model:
         /,
         *,
         enable_thinking: bool | None = None,
+        reasoning_effort: str | None = None,
         **settings: Any,
     ) -> Iterator[tuple[int | None, str]]:
         """Like `stream`, one item per decode step: (token id, text delta, often ""), then (None, the rest)."""
         params = (params or SamplingParams()).updated(**settings)
         tokenizer = self._need_tokenizer()
-        tokens = torch.tensor([self.prompt_ids(prompt, enable_thinking=enable_thinking)], device=self.device)
-        detok, stops = Detokenizer(tokenizer), StopStrings(params.stop)
+        ids = self.prompt_ids(prompt, enable_thinking=enable_thinking, reasoning_effort=reasoning_effort)
+        tokens = torch.tensor([ids], device=self.device)
+        # harmony (gpt-oss) marks its channels with special tokens: kept, for the reasoning splitter
+        detok, stops = Detokenizer(tokenizer, skip_special_tokens=not is_harmony(tokenizer)), StopStrings(params.stop)
         for step in self._steps(tokens, params):
             token = int(step[0])
             yield token, stops.push(detok.push(token))
@@ -166,15 +178,19 @@ class Model:
     def _eos(self, params: SamplingParams) -> tuple[int, ...]:
         return self.eos_token_ids if params.eos_token_ids is None else params.eos_token_ids
 
-    def prompt_ids(self, prompt: Prompt, *, enable_thinking: bool | None = None) -> list[int]:
+    def prompt_ids(
+        self, prompt: Prompt, *, enable_thinking: bool | None = None, reasoning_effort: str | None = None
+    ) -> list[int]:
         """Token ids for text (encoded), chat messages (chat template) or ids (as given)."""
         if isinstance(prompt, str):
             return list(self._need_tokenizer().encode(prompt))
         items = list(prompt)
         if items and all(isinstance(m, dict) for m in items):
-            return chat_prompt(self._need_tokenizer(), items, enable_thinking=enable_thinking)
-        if enable_thinking is not None:
-            raise EngineError("enable_thinking applies to chat messages, not to token ids.")
+            return chat_prompt(
+                self._need_tokenizer(), items, enable_thinking=enable_thinking, reasoning_effort=reasoning_effort
+            )
+        if enable_thinking is not None or reasoning_effort is not None:
+            raise EngineError("enable_thinking and reasoning_effort apply to chat messages, not to token ids.")
         return [int(t) for t in items]
 
     def _need_tokenizer(self) -> Any:

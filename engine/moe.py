@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from engine.experts import EXPERT_BACKENDS
+from engine.layers import MLP, linear
 from engine.qmatmul import matmul
-from engine.routing import sigmoid_grouped_topk, softmax_topk
+from engine.routing import sigmoid_grouped_topk, softmax_group_topk, softmax_topk
 
 
 class Experts(nn.Module):
@@ -24,6 +25,21 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return EXPERT_BACKENDS[self.backend](x, self.gate_up_proj, self.down_proj, weights, ids)  # [T, H]
+
+
+def expert_matmul(experts: nn.Module, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+    """x [R, K] @ expert e's `name` ("gate_up_proj" [2I, H] or "down_proj" [H, I])^T -> [R, N], for any
+    stored form of Experts (float, int8 / int4 with `*_scale`, fp8 with its `block`, GGUF / MXFP4 blocks
+    with `*_format`): for architectures whose experts need more than the backends' SwiGLU."""
+    part = name.removesuffix("_proj")
+    scale = getattr(experts, f"{part}_scale", None)
+    return matmul(
+        x,
+        getattr(experts, name)[e],
+        None if scale is None else scale[e],
+        getattr(experts, "block", None),
+        getattr(experts, f"{part}_format", None),
+    )
 
 
 class SoftmaxRouter(nn.Module):
@@ -72,6 +88,29 @@ class SigmoidGroupRouter(nn.Module):
         )
 
 
+class SoftmaxGroupRouter(nn.Module):
+    """DeepSeek-V2 routing: fp32 softmax scores, greedy or group-limited top-k, scaled."""
+
+    def __init__(
+        self, experts: int, hidden: int, top_k: int, *, n_group: int, topk_group: int, renormalize: bool, scaling: float
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(experts, hidden), requires_grad=False)  # [E, H]
+        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
+        self.renormalize, self.scaling = renormalize, scaling
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = matmul(x.float(), self.weight)  # [T, E]; fp32 as the reference does
+        return softmax_group_topk(
+            logits,
+            self.top_k,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            renormalize=self.renormalize,
+            scaling=self.scaling,
+        )
+
+
 class SparseMoe(nn.Module):
     """Router + experts, no shared expert (Qwen3-MoE, Mixtral)."""
 
@@ -85,3 +124,43 @@ class SparseMoe(nn.Module):
         flat = x.reshape(-1, shape[-1])  # [B*T, H]
         weights, ids = self.gate(flat)  # [B*T, K] each
         return self.experts(flat, weights, ids).view(shape)  # [B, T, H]
+
+
+class SharedExpertMoe(nn.Module):
+    """Softmax-routed experts plus one shared expert every token takes, scaled by its own sigmoid
+    gate (Qwen2-MoE): routed(x) + sigmoid(x . g) * shared(x)."""
+
+    def __init__(
+        self, experts: int, hidden: int, width: int, top_k: int, shared_width: int, *, renormalize: bool
+    ) -> None:
+        super().__init__()
+        self.gate = SoftmaxRouter(experts, hidden, top_k, renormalize=renormalize)
+        self.experts = Experts(experts, hidden, width)
+        self.shared_expert = MLP(hidden, shared_width)
+        self.shared_expert_gate = linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [B*T, H]
+        weights, ids = self.gate(flat)  # [B*T, K] each
+        shared = torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)  # [B*T, H]
+        return (self.experts(flat, weights, ids) + shared).view(shape)  # [B, T, H]
+
+
+class RoutedMoe(nn.Module):
+    """Routed experts behind any router (`gate`: DeepSeek-V3's grouped sigmoid routing, V2's softmax
+    one, ...) plus `shared` always-on experts held as one MLP of `shared` x their width, if any
+    (DeepSeek-V2/V3, GLM-4.5, MiniMax-M2)."""
+
+    def __init__(self, gate: nn.Module, experts: int, hidden: int, width: int, *, shared: int) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = Experts(experts, hidden, width)
+        self.shared_experts = MLP(hidden, width * shared) if shared else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # [B*T, H]
+        weights, ids = self.gate(flat)  # [B*T, K] each
+        out = self.experts(flat, weights, ids).view(shape)  # [B, T, H]
+        return out if self.shared_experts is None else out + self.shared_experts(x)

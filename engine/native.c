@@ -1,5 +1,5 @@
-/* moerag's CPU kernels for decode: small-M products with float, int8, int4, fp8 and GGUF block weights, and the
- * whole mixture-of-experts step of a few tokens in one call.
+/* moerag's CPU kernels for decode: small-M products with float, int8, int4, fp8 and block (GGUF, MXFP4)
+ * weights, and the whole mixture-of-experts step of a few tokens in one call.
  *
  * Why C: at decode every weight is read once per token, so the step is bound by memory
  * bandwidth, and torch spends more time dispatching ~1000 tiny ops per token (and its int4 CPU
@@ -10,8 +10,9 @@
  * Files: native.h is the interface to Python (format codes, shared structs, exported functions;
  * checked when the library loads). This file is the one translation unit: it includes the
  * portable kernels (native_generic.c) and, when the CPU has AVX2 and FMA, their SIMD twins
- * (native_simd.c), and holds the format table, the threads and the exported functions, which
- * reach a format only through its row of the table.
+ * (native_simd.c), then the block types' kernels, both kinds (native_gguf.c), and holds the
+ * format table, the threads and the exported functions, which reach a format only through its
+ * row of the table.
  *
  * Shapes: M rows of activations (tokens), N outputs, K inputs; T tokens, S = T*TOPK slots,
  * H hidden, I expert width. Weights are row-major [N, K], one row per output
@@ -22,10 +23,11 @@
  *   int4  uint8[N][K/2], scale bf16[N][K/G][2] = (s, z)   w = (q - 8) * s + z
  *         Packed in chunks of 32 weights (16 bytes): byte j holds weight j in its low nibble
  *         and weight 16 + j in its high nibble. G (the group) is a multiple of 32.
+ *   int4zp  as int4, scale fp16[N][K/G][2] = (s, zp)   w = (q - zp) * s   (GPTQ / AWQ checkpoints)
  *   fp8   uint8[N][K] (float8_e4m3fn bit patterns), scale float[N][ceil(K/B)]   w = q * scale[n][k / B]
  *         B (passed as the group) is any block size; a row's last block may be partial.
- *   q8_0, q4_0, q4_k, q5_k, q6_k   uint8[N][K / block * bytes]: GGUF blocks (ggml's layouts) with
- *         their fp16 scales inside; no scale tensor.
+ *   q8_0, q4_0, q4_k, q5_k, q6_k, mxfp4   uint8[N][K / block * bytes]: GGUF blocks (ggml's layouts)
+ *         with their scales inside (fp16; mxfp4's one e8m0 byte per 32); no scale tensor.
  * Activations are fp32; each format may prepare them for its kernels (the SIMD build rounds
  * them for the integer ones, see native_simd.c). The sum over the TOPK slots is fp32.
  */
@@ -66,6 +68,9 @@ typedef struct {
     int8_t *q8;     /* int4 (SIMD): [K] int8, one scale per group */
     float *qs;      /* int8 (SIMD): [K/32] scale of each chunk; int4 (SIMD): [K/G] scale of each group */
     float *sum;     /* int4: [K/G] sum of f over each group */
+    int8_t *blk8;        /* block types (SIMD): [K] int8, one scale per 32 inputs (native_gguf.c) */
+    float *blk_scale;    /* block types (SIMD): [K/32] the scale of each 32 */
+    int16_t *blk_sum16;  /* block types (SIMD): [K/16] the sum of each 16 rounded values */
 } Act;
 
 /* A weight [N, K] (with its scales) in one format of the table. */
@@ -83,6 +88,7 @@ typedef struct {
 #if MOERAG_AVX2
 #include "native_simd.c"
 #endif
+#include "native_gguf.c"
 
 /* A weight format: its layout, and the kernels that read it (NULL: the format needs none).
  * Adding a format is one row of FORMATS, at its code from native.h, plus its kernels. */
@@ -137,27 +143,46 @@ static const Format FORMATS[MOERAG_FORMATS] = {
     [MOERAG_Q8_0] = {
         .name = "q8_0", .block = 32, .block_bytes = 34,
         .dequantize = q8_0_dequantize_generic,
+        .act_bytes = PICK(blocks_act_bytes_avx2, NULL), .prepare = PICK(blocks_prepare_avx2, NULL),
         .dot = PICK(q8_0_dot_avx2, q8_0_dot_generic),
     },
     [MOERAG_Q4_K] = {
         .name = "q4_k", .block = 256, .block_bytes = 144,
         .dequantize = q4_k_dequantize_generic,
+        .act_bytes = PICK(blocks_act_bytes_avx2, NULL), .prepare = PICK(blocks_prepare_avx2, NULL),
         .dot = PICK(q4_k_dot_avx2, q4_k_dot_generic),
     },
     [MOERAG_Q6_K] = {
         .name = "q6_k", .block = 256, .block_bytes = 210,
         .dequantize = q6_k_dequantize_generic,
+        .act_bytes = PICK(blocks_act_bytes_avx2, NULL), .prepare = PICK(blocks_prepare_avx2, NULL),
         .dot = PICK(q6_k_dot_avx2, q6_k_dot_generic),
     },
     [MOERAG_Q4_0] = {
         .name = "q4_0", .block = 32, .block_bytes = 18,
         .dequantize = q4_0_dequantize_generic,
+        .act_bytes = PICK(blocks_act_bytes_avx2, NULL), .prepare = PICK(blocks_prepare_avx2, NULL),
         .dot = PICK(q4_0_dot_avx2, q4_0_dot_generic),
     },
     [MOERAG_Q5_K] = {
         .name = "q5_k", .block = 256, .block_bytes = 176,
         .dequantize = q5_k_dequantize_generic,
+        .act_bytes = PICK(blocks_act_bytes_avx2, NULL), .prepare = PICK(blocks_prepare_avx2, NULL),
         .dot = PICK(q5_k_dot_avx2, q5_k_dot_generic),
+    },
+    [MOERAG_MXFP4] = {
+        .name = "mxfp4", .block = 32, .block_bytes = 17,
+        .dequantize = mxfp4_dequantize_generic,
+        .act_bytes = PICK(blocks_act_bytes_avx2, NULL), .prepare = PICK(blocks_prepare_avx2, NULL),
+        .dot = PICK(mxfp4_dot_avx2, mxfp4_dot_generic),
+    },
+    [MOERAG_INT4ZP] = { /* int4's kernels, reading fp16 (scale, zero point) pairs (int4_group) */
+        .name = "int4zp", .block = 2, .block_bytes = 1, .scale_group = 4,
+        .dequantize = int4zp_dequantize_generic,
+        .act_bytes = PICK(int4_act_bytes_avx2, int4_act_bytes_generic),
+        .prepare = PICK(int4_prepare_avx2, int4_prepare_generic),
+        .dot = PICK(int4zp_dot_avx2, int4zp_dot_generic),
+        .together = PICK(int4_together_avx2, NULL), .rows = PICK(int4zp_rows_avx2, NULL),
     },
 };
 
@@ -180,7 +205,8 @@ static const AbiField ABI[] = {
     FIELD(Proj, scale), FIELD(Proj, bias),
     STRUCT(BlockArgs), FIELD(BlockArgs, heads), FIELD(BlockArgs, kv_heads), FIELD(BlockArgs, head_dim),
     FIELD(BlockArgs, experts), FIELD(BlockArgs, topk), FIELD(BlockArgs, renormalize), FIELD(BlockArgs, fmt),
-    FIELD(BlockArgs, inter), FIELD(BlockArgs, group), FIELD(BlockArgs, attn), FIELD(BlockArgs, qnorm),
+    FIELD(BlockArgs, inter), FIELD(BlockArgs, group), FIELD(BlockArgs, fmt2), FIELD(BlockArgs, group2),
+    FIELD(BlockArgs, attn), FIELD(BlockArgs, qnorm),
     FIELD(BlockArgs, knorm), FIELD(BlockArgs, in_norm), FIELD(BlockArgs, post_norm), FIELD(BlockArgs, qk_eps),
     FIELD(BlockArgs, eps), FIELD(BlockArgs, router), FIELD(BlockArgs, w13), FIELD(BlockArgs, s13),
     FIELD(BlockArgs, w2), FIELD(BlockArgs, s2),
@@ -327,8 +353,8 @@ static inline const void *offset(const void *p, size_t bytes, int64_t e) {
 }
 
 typedef struct {
-    const Format *format;
-    int64_t topk, hidden, inter, width, group, runs;
+    const Format *format, *format2; /* w13's, w2's */
+    int64_t topk, hidden, inter, width, group, group2, runs;
     const int64_t *ids;
     int64_t *order, *starts; /* slots sorted by expert (stable); run r: order[starts[r]..starts[r+1]) */
     const float *weights;
@@ -348,7 +374,8 @@ static void moe_rows(const MoeJob *j, int64_t begin, int64_t end, int down) {
     float *out = down ? j->y : j->h;
     for (int64_t idx = begin, next; idx < end; idx = next) { /* one run's rows at a time */
         int64_t r = idx / rows, e = j->ids[j->order[j->starts[r]]];
-        Weights wt = as_weights(j->format, k, j->group, offset(w, wb, e), offset(s, sb, e));
+        Weights wt = as_weights(down ? j->format2 : j->format, k, down ? j->group2 : j->group, offset(w, wb, e),
+                                offset(s, sb, e));
         next = min64(end, (r + 1) * rows);
         for (int64_t b = 0; b < row_blocks(next - idx); b++) {
             RowBlock rb = row_block(&wt, idx - r * rows, next - idx, b);
@@ -368,7 +395,7 @@ static void moe_act(void *ctx, int64_t begin, int64_t end) { /* silu(gate) * up,
         const float *h = j->h + p * j->width;
         float *a = j->act + p * j->inter;
         silu_mul(h, h + j->inter, a, j->inter);
-        prepare(j->format, &j->aa.acts[p], a, j->inter, j->group);
+        prepare(j->format2, &j->aa.acts[p], a, j->inter, j->group2);
     }
 }
 
@@ -404,18 +431,19 @@ static void group_slots(MoeJob *j, int64_t slots) {
 }
 
 /* out[T, H] = sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]), each expert
- * down(silu(gate(x)) * up(x)) with w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I].
- * Slots are grouped by expert so each selected expert's weights are read once. */
-int moerag_moe(int fmt, int64_t t, int64_t topk, int64_t hidden, int64_t inter, int64_t group, const float *x,
-               const int64_t *ids, const float *weights, const void *w13, const void *s13, const void *w2,
-               const void *s2, float *out) {
-    const Format *f = &FORMATS[fmt];
+ * down(silu(gate(x)) * up(x)) with w13 [E, 2I, H] (gate rows, then up rows) in fmt (group),
+ * w2 [E, H, I] in fmt2 (group2). Slots are grouped by expert so each selected expert's weights
+ * are read once. */
+int moerag_moe(int fmt, int fmt2, int64_t t, int64_t topk, int64_t hidden, int64_t inter, int64_t group,
+               int64_t group2, const float *x, const int64_t *ids, const float *weights, const void *w13,
+               const void *s13, const void *w2, const void *s2, float *out) {
+    const Format *f = &FORMATS[fmt], *f2 = &FORMATS[fmt2];
     int64_t slots = t * topk, width = 2 * inter;
     MoeJob j = {
-        .format = f, .topk = topk, .hidden = hidden, .inter = inter, .width = width, .group = group,
-        .ids = ids, .weights = weights, .w13 = w13, .s13 = s13, .w2 = w2, .s2 = s2,
-        .b13 = weight_bytes(f, width, hidden), .c13 = scale_bytes(f, width, hidden, group),
-        .b2 = weight_bytes(f, hidden, inter), .c2 = scale_bytes(f, hidden, inter, group),
+        .format = f, .format2 = f2, .topk = topk, .hidden = hidden, .inter = inter, .width = width,
+        .group = group, .group2 = group2, .ids = ids, .weights = weights, .w13 = w13, .s13 = s13, .w2 = w2,
+        .s2 = s2, .b13 = weight_bytes(f, width, hidden), .c13 = scale_bytes(f, width, hidden, group),
+        .b2 = weight_bytes(f2, hidden, inter), .c2 = scale_bytes(f2, hidden, inter, group2),
         .order = allocate(sizeof(int64_t) * (size_t)slots),
         .starts = allocate(sizeof(int64_t) * (size_t)(slots + 1)),
         .h = allocate(sizeof(float) * (size_t)(slots * width)),
@@ -424,7 +452,7 @@ int moerag_moe(int fmt, int64_t t, int64_t topk, int64_t hidden, int64_t inter, 
         .out = out,
     };
     int ok = j.order && j.starts && j.h && j.act && j.y && acts_new(&j.xa, f, t, hidden, group) &&
-             acts_new(&j.aa, f, slots, inter, group);
+             acts_new(&j.aa, f2, slots, inter, group2);
     if (ok) {
         group_slots(&j, slots);
         for (int64_t i = 0; i < t; i++) prepare(f, &j.xa.acts[i], x + i * hidden, hidden, group);
@@ -635,8 +663,8 @@ static int decode_block(const BlockArgs *k, int64_t b, int64_t pos, int64_t smax
     }
     if (status == MOERAG_OK) {
         route(logits, b, e, topk, (int)k->renormalize, weights, ids);
-        status = moerag_moe((int)k->fmt, b, topk, hidden, k->inter, k->group, h, ids, weights, k->w13, k->s13, k->w2,
-                            k->s2, y);
+        status = moerag_moe((int)k->fmt, (int)k->fmt2, b, topk, hidden, k->inter, k->group, k->group2, h, ids,
+                            weights, k->w13, k->s13, k->w2, k->s2, y);
     }
     if (status == MOERAG_OK)
         for (int64_t i = 0; i < b * hidden; i++) x[i] += y[i];

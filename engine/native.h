@@ -16,13 +16,15 @@
 
 /* Bumped, with ABI_VERSION in engine/native.py, whenever an exported function or a struct below
  * changes. */
-#define MOERAG_ABI_VERSION 1
+#define MOERAG_ABI_VERSION 2
 
 /* The weight formats: each code is Format.code in kernels/formats.py and the format's row in
  * native.c's table. */
 enum {
     MOERAG_FP32 = 0, MOERAG_BF16 = 1, MOERAG_INT8 = 2, MOERAG_INT4 = 3, MOERAG_FP8 = 4,
     MOERAG_Q8_0 = 5, MOERAG_Q4_K = 6, MOERAG_Q6_K = 7, MOERAG_Q4_0 = 8, MOERAG_Q5_K = 9, /* GGUF blocks */
+    MOERAG_MXFP4 = 10, /* a block type too (ggml's block_mxfp4) */
+    MOERAG_INT4ZP = 11,
     MOERAG_FORMATS
 };
 
@@ -37,10 +39,11 @@ typedef struct {
     const float *bias;        /* [N] or NULL */
 } Proj;
 
-/* One decoder block of a softmax-routed MoE model for moerag_blocks; fmt, inter and group describe
- * the experts' weights w13 [E, 2I, H] (gate rows, then up rows) and w2 [E, H, I]. */
+/* One decoder block of a softmax-routed MoE model for moerag_blocks; fmt and group describe the
+ * experts' w13 [E, 2I, H] (gate rows, then up rows), fmt2 and group2 their w2 [E, H, I] (GGUF's
+ * Q4_K_M keeps down in another type); inter is I. */
 typedef struct {
-    int64_t heads, kv_heads, head_dim, experts, topk, renormalize, fmt, inter, group;
+    int64_t heads, kv_heads, head_dim, experts, topk, renormalize, fmt, inter, group, fmt2, group2;
     const Proj *attn; /* q, k, v, o */
     const float *qnorm, *knorm, *in_norm, *post_norm; /* [D], [D] (or NULL), [H], [H] fp32 */
     float qk_eps, eps;
@@ -73,9 +76,9 @@ int moerag_gemv(int fmt, int64_t m, int64_t n, int64_t k, int64_t group, const f
                 const void *scale, float *y);
 
 /* out [T, H] = sum over k of weights [T, K_] * expert_{ids [T, K_]}(x [T, H]); see native.c. */
-int moerag_moe(int fmt, int64_t t, int64_t topk, int64_t hidden, int64_t inter, int64_t group, const float *x,
-               const int64_t *ids, const float *weights, const void *w13, const void *s13, const void *w2,
-               const void *s2, float *out);
+int moerag_moe(int fmt, int fmt2, int64_t t, int64_t topk, int64_t hidden, int64_t inter, int64_t group,
+               int64_t group2, const float *x, const int64_t *ids, const float *weights, const void *w13,
+               const void *s13, const void *w2, const void *s2, float *out);
 
 /* out [N, K] fp32 = W. */
 void moerag_dequantize(int fmt, int64_t n, int64_t k, int64_t group, const void *w, const void *scale, float *out);

@@ -35,7 +35,7 @@ from kernels.formats import FORMATS, Format, format_of
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")  # the translation unit; it includes the other native* files
-ABI_VERSION = 1  # MOERAG_ABI_VERSION in native.h
+ABI_VERSION = 2  # MOERAG_ABI_VERSION in native.h
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
@@ -100,7 +100,19 @@ class BlockArgs(ctypes.Structure):
     _fields_ = [
         *[
             (name, _I)
-            for name in ("heads", "kv_heads", "head_dim", "experts", "topk", "renormalize", "fmt", "inter", "group")
+            for name in (
+                "heads",
+                "kv_heads",
+                "head_dim",
+                "experts",
+                "topk",
+                "renormalize",
+                "fmt",
+                "inter",
+                "group",
+                "fmt2",
+                "group2",
+            )  # fmt: skip
         ],
         ("attn", ctypes.POINTER(Proj)),
         *[(name, _P) for name in ("qnorm", "knorm", "in_norm", "post_norm")],
@@ -167,7 +179,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.moerag_format_name.argtypes, lib.moerag_format_name.restype = [_I], ctypes.c_char_p
     lib.moerag_set_threads.argtypes, lib.moerag_set_threads.restype = [ctypes.c_int], None
     lib.moerag_gemv.argtypes = [ctypes.c_int, _I, _I, _I, _I, _P, _P, _P, _P]
-    lib.moerag_moe.argtypes = [ctypes.c_int, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P]
+    lib.moerag_moe.argtypes = [ctypes.c_int, ctypes.c_int, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P]
     lib.moerag_attention.argtypes = [_I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _F, _P, _P, _P, _P, _F, _P]
     lib.moerag_blocks.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F]
     for fn in (lib.moerag_gemv, lib.moerag_moe, lib.moerag_attention, lib.moerag_blocks):
@@ -271,19 +283,20 @@ def moe(
     w2_scale: torch.Tensor | None = None,
     group: int | None = None,
     fmt: Format | None = None,
+    w2_format: Format | None = None,
     lib: ctypes.CDLL | None = None,
 ) -> torch.Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [T, H] fp32, in one call (decode); w13 and
-    w2 in one format (`fmt`)."""
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]) -> [T, H] fp32, in one call (decode); w13 in
+    `fmt`, w2 in `w2_format` (default: the same; GGUF's Q4_K_M keeps down in another type)."""
     lib = lib or library()
-    fmt, hidden, group = layout(w13, w13_scale, group, fmt)
-    inter = w13.shape[1] // 2
+    code, hidden, group13 = layout(w13, w13_scale, group, fmt)
+    code2, inter, group2 = layout(w2, w2_scale, group, w2_format or fmt)
     x, ids = x.float().contiguous(), ids.to(torch.int64).contiguous()
     weights = weights.float().contiguous()
     out = torch.empty((x.shape[0], hidden), dtype=torch.float32)  # [T, H]
     status = lib.moerag_moe(
-        fmt, ids.shape[0], ids.shape[1], hidden, inter, group, x.data_ptr(), ids.data_ptr(), weights.data_ptr(),
-        w13.data_ptr(), address(w13_scale), w2.data_ptr(), address(w2_scale), out.data_ptr(),
+        code, code2, ids.shape[0], ids.shape[1], hidden, inter, group13, group2, x.data_ptr(), ids.data_ptr(),
+        weights.data_ptr(), w13.data_ptr(), address(w13_scale), w2.data_ptr(), address(w2_scale), out.data_ptr(),
     )  # fmt: skip
     _check(status, "moerag_moe")
     return out

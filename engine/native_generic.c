@@ -117,18 +117,30 @@ TWIN void int4_prepare_generic(Act *a, const float *x, int64_t k, int64_t group)
     }
 }
 
-/* w = (q - 8) s + z: sum_c s_c sum(q x) + sum_g (z_g - 8 s_g) sum_g(x). */
-TWIN float int4_dot_generic(const Weights *m, int64_t row, const Act *a) {
+/* One weight group's (scale, zero) pair as w = (q - o) s + z: int4 stores bf16 (s, z) with o = 8,
+ * int4zp fp16 (s, o) with z = 0. `zp` picks the layout (a constant once inlined), so int4 and
+ * int4zp share every kernel below and differ only here. */
+typedef struct {
+    float s, o, z;
+} Group;
+
+static inline Group int4_group(const uint16_t *sz, int zp) {
+    if (zp) return (Group){f16_to_f32(sz[0]), f16_to_f32(sz[1]), 0.f};
+    return (Group){bf16_to_f32(sz[0]), 8.f, bf16_to_f32(sz[1])};
+}
+
+/* w = (q - o) s + z: sum_c s_c sum(q x) + sum_g (z_g - o_g s_g) sum_g(x). */
+static inline float int4_dot(const Weights *m, int64_t row, const Act *a, int zp) {
     int64_t k = m->k, group = m->group;
     const uint8_t *q = (const uint8_t *)m->w + row * (k / 2);
     const uint16_t *sz = (const uint16_t *)m->scale + row * (k / group) * 2;
     float total = 0.f, offset = 0.f;
     for (int64_t g = 0; g < k / group; g++) {
-        float s = bf16_to_f32(sz[2 * g]), z = bf16_to_f32(sz[2 * g + 1]);
-        offset += (z - 8.f * s) * a->sum[g];
+        Group p = int4_group(sz + 2 * g, zp);
+        offset += (p.z - p.o * p.s) * a->sum[g];
     }
     for (int64_t c = 0; c < k / 32; c++) {
-        float s = bf16_to_f32(sz[2 * (32 * c / group)]), part = 0.f;
+        float s = int4_group(sz + 2 * (32 * c / group), zp).s, part = 0.f;
         for (int j = 0; j < 16; j++) {
             part += (float)(q[16 * c + j] & 15) * a->f[32 * c + j];
             part += (float)(q[16 * c + j] >> 4) * a->f[32 * c + 16 + j];
@@ -137,6 +149,9 @@ TWIN float int4_dot_generic(const Weights *m, int64_t row, const Act *a) {
     }
     return total + offset;
 }
+
+TWIN float int4_dot_generic(const Weights *m, int64_t row, const Act *a) { return int4_dot(m, row, a, 0); }
+TWIN float int4zp_dot_generic(const Weights *m, int64_t row, const Act *a) { return int4_dot(m, row, a, 1); }
 
 /* fp8: each block's products summed, then scaled once: sum_b s_b sum_{i in b} q_i x_i. */
 TWIN float fp8_dot_generic(const Weights *m, int64_t row, const Act *a) {
@@ -169,19 +184,22 @@ static void int8_dequantize_generic(const Weights *m, int64_t row, float *out) {
     for (int64_t i = 0; i < m->k; i++) out[i] = (float)w[i] * s;
 }
 
-static void int4_dequantize_generic(const Weights *m, int64_t row, float *out) {
+/* (q - o) s + z as the reference computes it (kernels/formats.py): the same fp32 values. */
+static inline void int4_dequantize(const Weights *m, int64_t row, float *out, int zp) {
     int64_t k = m->k, group = m->group;
     const uint8_t *q = (const uint8_t *)m->w + row * (k / 2);
     const uint16_t *sz = (const uint16_t *)m->scale + row * (k / group) * 2;
     for (int64_t c = 0; c < k / 32; c++) {
-        float s = bf16_to_f32(sz[2 * (32 * c / group)]), z = bf16_to_f32(sz[2 * (32 * c / group) + 1]);
-        float base = z - 8.f * s;
+        Group p = int4_group(sz + 2 * (32 * c / group), zp);
         for (int j = 0; j < 16; j++) {
-            out[32 * c + j] = (float)(q[16 * c + j] & 15) * s + base;
-            out[32 * c + 16 + j] = (float)(q[16 * c + j] >> 4) * s + base;
+            out[32 * c + j] = ((float)(q[16 * c + j] & 15) - p.o) * p.s + p.z;
+            out[32 * c + 16 + j] = ((float)(q[16 * c + j] >> 4) - p.o) * p.s + p.z;
         }
     }
 }
+
+static void int4_dequantize_generic(const Weights *m, int64_t row, float *out) { int4_dequantize(m, row, out, 0); }
+static void int4zp_dequantize_generic(const Weights *m, int64_t row, float *out) { int4_dequantize(m, row, out, 1); }
 
 static void fp8_dequantize_generic(const Weights *m, int64_t row, float *out) {
     int64_t k = m->k, block = m->group;
@@ -189,134 +207,3 @@ static void fp8_dequantize_generic(const Weights *m, int64_t row, float *out) {
     const float *s = (const float *)m->scale + row * fp8_blocks(k, block);
     for (int64_t i = 0; i < k; i++) out[i] = fp8_to_f32(q[i]) * s[i / block];
 }
-
-/* GGUF blocks (ggml's layouts, see kernels/formats.py): one block -> fp32 out[block]. */
-
-static void q8_0_block(const uint8_t *b, float *out) {
-    float d = f16_at(b);
-    for (int i = 0; i < 32; i++) out[i] = d * (float)(int8_t)b[2 + i];
-}
-
-static void q4_0_block(const uint8_t *b, float *out) {
-    float d = f16_at(b);
-    for (int j = 0; j < 16; j++) {
-        out[j] = d * (float)((b[2 + j] & 15) - 8);
-        out[16 + j] = d * (float)((b[2 + j] >> 4) - 8);
-    }
-}
-
-/* Sub-block s's 6-bit scale and min from q4_k / q5_k's 12 scale bytes. */
-static inline void k_scale_min(const uint8_t *q, int s, float *scale, float *min) {
-    if (s < 4) {
-        *scale = (float)(q[s] & 63);
-        *min = (float)(q[s + 4] & 63);
-    } else {
-        *scale = (float)((q[s + 4] & 15) | ((q[s - 4] >> 6) << 4));
-        *min = (float)((q[s + 4] >> 4) | ((q[s] >> 6) << 4));
-    }
-}
-
-/* q4_k and q5_k (qh NULL for q4_k): 4 chunks of 32 qs bytes, sub-blocks 2c (low nibbles) and
- * 2c + 1 (high), w = d sc q - dmin m with q5_k's fifth bit (bit s of qh[l]) adding 16. */
-static inline void k_block(const uint8_t *b, const uint8_t *qh, const uint8_t *qs, float *out) {
-    float d = f16_at(b), dmin = f16_at(b + 2);
-    for (int c = 0; c < 4; c++) {
-        for (int half = 0; half < 2; half++) {
-            int s = 2 * c + half;
-            float sc, m;
-            k_scale_min(b + 4, s, &sc, &m);
-            float scale = d * sc, offset = dmin * m;
-            for (int l = 0; l < 32; l++) {
-                int q = half ? qs[32 * c + l] >> 4 : qs[32 * c + l] & 15;
-                if (qh) q += ((qh[l] >> s) & 1) << 4;
-                out[32 * s + l] = scale * (float)q - offset;
-            }
-        }
-    }
-}
-
-static void q4_k_block(const uint8_t *b, float *out) { k_block(b, NULL, b + 16, out); }
-
-static void q5_k_block(const uint8_t *b, float *out) { k_block(b, b + 16, b + 48, out); }
-
-static void q6_k_block(const uint8_t *b, float *out) {
-    const int8_t *sc = (const int8_t *)(b + 192);
-    float d = f16_at(b + 208);
-    for (int half = 0; half < 2; half++) {
-        const uint8_t *ql = b + 64 * half, *qh = b + 128 + 32 * half;
-        float *y = out + 128 * half;
-        for (int l = 0; l < 32; l++) {
-            int q[4] = {(ql[l] & 15) | ((qh[l] & 3) << 4), (ql[32 + l] & 15) | (((qh[l] >> 2) & 3) << 4),
-                        (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4), (ql[32 + l] >> 4) | (((qh[l] >> 6) & 3) << 4)};
-            for (int i = 0; i < 4; i++) /* one scale per 16 inputs of the block */
-                y[32 * i + l] = d * (float)sc[(128 * half + 32 * i + l) / 16] * (float)(q[i] - 32);
-        }
-    }
-}
-
-typedef void (*BlockFn)(const uint8_t *b, float *out);
-
-/* A GGUF row: K / block blocks of `bytes` each, the scales inside (no separate scale tensor). */
-static inline const uint8_t *block_row(const Weights *m, int64_t row, int block, int bytes) {
-    return (const uint8_t *)m->w + row * (m->k / block) * bytes;
-}
-
-/* One row . a: each block widened to fp32 on the stack, then its dot with the activations. */
-static inline float blocks_dot(const Weights *m, int64_t row, const Act *a, int block, int bytes, BlockFn widen) {
-    const uint8_t *q = block_row(m, row, block, bytes);
-    float w[256], total = 0.f;
-    for (int64_t b = 0; b < m->k / block; b++) {
-        widen(q + b * bytes, w);
-        const float *x = a->f + b * block;
-        float part = 0.f;
-        for (int i = 0; i < block; i++) part += w[i] * x[i];
-        total += part;
-    }
-    return total;
-}
-
-static inline void blocks_dequantize(const Weights *m, int64_t row, float *out, int block, int bytes, BlockFn widen) {
-    const uint8_t *q = block_row(m, row, block, bytes);
-    for (int64_t b = 0; b < m->k / block; b++) widen(q + b * bytes, out + b * block);
-}
-
-TWIN float q8_0_dot_generic(const Weights *m, int64_t row, const Act *a) {
-    return blocks_dot(m, row, a, 32, 34, q8_0_block);
-}
-
-TWIN float q4_0_dot_generic(const Weights *m, int64_t row, const Act *a) {
-    return blocks_dot(m, row, a, 32, 18, q4_0_block);
-}
-
-TWIN float q4_k_dot_generic(const Weights *m, int64_t row, const Act *a) {
-    return blocks_dot(m, row, a, 256, 144, q4_k_block);
-}
-
-TWIN float q5_k_dot_generic(const Weights *m, int64_t row, const Act *a) {
-    return blocks_dot(m, row, a, 256, 176, q5_k_block);
-}
-
-TWIN float q6_k_dot_generic(const Weights *m, int64_t row, const Act *a) {
-    return blocks_dot(m, row, a, 256, 210, q6_k_block);
-}
-
-static void q8_0_dequantize_generic(const Weights *m, int64_t row, float *out) {
-    blocks_dequantize(m, row, out, 32, 34, q8_0_block);
-}
-
-static void q4_0_dequantize_generic(const Weights *m, int64_t row, float *out) {
-    blocks_dequantize(m, row, out, 32, 18, q4_0_block);
-}
-
-static void q4_k_dequantize_generic(const Weights *m, int64_t row, float *out) {
-    blocks_dequantize(m, row, out, 256, 144, q4_k_block);
-}
-
-static void q5_k_dequantize_generic(const Weights *m, int64_t row, float *out) {
-    blocks_dequantize(m, row, out, 256, 176, q5_k_block);
-}
-
-static void q6_k_dequantize_generic(const Weights *m, int64_t row, float *out) {
-    blocks_dequantize(m, row, out, 256, 210, q6_k_block);
-}
-

@@ -5,8 +5,8 @@
  * weights (~0.002 % error, as exact as weight-only int8), and to int8 per weight group for int4
  * ones (as llama.cpp's Q8_0: ~0.4 % error per element, far below int4's own), so the inner
  * products run on integer SIMD. Rows are read ROWS at a time where the shapes allow
- * (*_together_avx2), one at a time otherwise. fp8 and the GGUF block types meet fp32 activations
- * unrounded, one row at a time.
+ * (*_together_avx2), one at a time otherwise. fp8 meets fp32 activations unrounded; the block
+ * types (native_gguf.c) round them to int8 per 32 inputs.
  *
  * Included by native.c (when MOERAG_AVX2), after native_generic.c; not compiled on its own.
  */
@@ -237,25 +237,50 @@ static inline __m256i i4_pair(const uint8_t *q, const int8_t *x) {
                   _mm256_set1_epi8(0x0F));
 }
 
+/* Eight (scale, zero point) fp16 pairs, one a 32-bit lane, as fp32 s and o, exactly: the scales'
+ * and the zero points' halves gathered apart, then one F16C conversion each. */
+static inline void f16_pairs8(__m256i words, __m256 *s, __m256 *o) {
+    const __m256i apart = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+                                           0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
+    __m256i v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(words, apart), 0xD8); /* [s0..s7 | o0..o7] */
+    *s = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
+    *o = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));
+}
+
+/* Eight groups' scales s and offsets z - o s (w = q s + offset) from their 32-bit (scale, zero)
+ * words, as int4_group reads one: int4's bf16 (s, z), o = 8 (a shift and a mask split them);
+ * int4zp's fp16 (s, o), z = 0. */
+static inline __attribute__((always_inline)) __m256 group_scales8(__m256i words, int zp, __m256 *offset) {
+    if (zp) {
+        __m256 s, o;
+        f16_pairs8(words, &s, &o);
+        *offset = _mm256_fnmadd_ps(o, s, _mm256_setzero_ps());
+        return s;
+    }
+    __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16));
+    __m256 z = _mm256_castsi256_ps(_mm256_and_si256(words, _mm256_set1_epi32((int)0xFFFF0000u)));
+    *offset = _mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z);
+    return s;
+}
+
 /* Activations carry one int8 scale per weight group, so a group's products add up in int16
- * (<= 4 pairs = 30480 for G <= 256) and are scaled once: w = (q - 8) s + z gives
- * sum_g s_g xs_g sum(q xq) + (z_g - 8 s_g) sum(x). Only group 32 comes here (larger groups go
+ * (<= 4 pairs = 30480 for G <= 256) and are scaled once: w = (q - o) s + z gives
+ * sum_g s_g xs_g sum(q xq) + (z_g - o_g s_g) sum(x). Only group 32 comes here (larger groups go
  * ROWS rows at a time, see int4_together_avx2): one scale per chunk, lanes [c | c+1]; eight
- * groups' scales at a time as in int4_rows. */
-static float int4_dot_avx2(const Weights *m, int64_t row, const Act *a) {
+ * groups' scales at a time as in int4_rows. `zp`: int4zp's scales (group_scales8). */
+static inline __attribute__((always_inline)) float int4_dot_any(const Weights *m, int64_t row, const Act *a, int zp) {
     int64_t k = m->k, group = m->group, chunks = k / 32, groups = k / group;
     const uint8_t *q = (const uint8_t *)m->w + row * (k / 2);
     const uint16_t *sz = (const uint16_t *)m->scale + row * groups * 2;
-    const __m256i ones = _mm256_set1_epi16(1), high = _mm256_set1_epi32((int)0xFFFF0000u);
+    const __m256i ones = _mm256_set1_epi16(1);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256 acc = _mm256_setzero_ps(), offs = _mm256_setzero_ps();
     int64_t c = 0;
     for (int64_t g0 = 0; g0 < groups; g0 += 8) {
         __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(groups - g0 < 8 ? groups - g0 : 8)), lane);
-        __m256i words = _mm256_maskload_epi32((const int *)(sz + 2 * g0), live);
-        __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(words, 16)), z = _mm256_castsi256_ps(_mm256_and_si256(words, high));
+        __m256 offset, s = group_scales8(_mm256_maskload_epi32((const int *)(sz + 2 * g0), live), zp, &offset);
         __m256 xsum = _mm256_maskload_ps(a->sum + g0, live), xs = _mm256_maskload_ps(a->qs + g0, live);
-        offs = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, z), xsum, offs);
+        offs = _mm256_fmadd_ps(offset, xsum, offs);
         __m256 scale = _mm256_mul_ps(s, xs);
         for (; c + 1 < chunks && c + 1 < g0 + 8; c += 2) {
             __m256i at = _mm256_set_m128i(_mm_set1_epi32((int)(c + 1 - g0)), _mm_set1_epi32((int)(c - g0)));
@@ -273,10 +298,13 @@ static float int4_dot_avx2(const Weights *m, int64_t row, const Act *a) {
         __m128i p = _mm_madd_epi16(_mm_add_epi16(_mm_maddubs_epi16(lo, x0), _mm_maddubs_epi16(hi, x1)), one);
         int32_t v[4];
         _mm_storeu_si128((__m128i *)v, p);
-        total += (float)(v[0] + v[1] + v[2] + v[3]) * bf16_to_f32(sz[2 * c]) * a->qs[c];
+        total += (float)(v[0] + v[1] + v[2] + v[3]) * int4_group(sz + 2 * c, zp).s * a->qs[c];
     }
     return total;
 }
+
+static float int4_dot_avx2(const Weights *m, int64_t row, const Act *a) { return int4_dot_any(m, row, a, 0); }
+static float int4zp_dot_avx2(const Weights *m, int64_t row, const Act *a) { return int4_dot_any(m, row, a, 1); }
 
 /* 8 e4m3fn bytes as fp32 / 2^120 (fp8_to_f32 without its last multiply): sign-extended to 32 bits
  * and shifted left by 20, a byte's sign lands in bit 31 and its magnitude in the exponent and
@@ -304,127 +332,6 @@ static float fp8_dot_avx2(const Weights *m, int64_t row, const Act *a) {
         tail += rest * s[b];
     }
     return hsum8(acc) + tail;
-}
-
-/* q8_0 weights meet the fp32 activations as they are, like fp8: each group of 8 inputs of a block
- * on its own accumulator (one chain of dependent FMAs would cap the kernel at 8 weights per FMA
- * latency, ~2x under the memory's rate on 2 cores). */
-static float q8_0_dot_avx2(const Weights *m, int64_t row, const Act *a) {
-    const uint8_t *q = (const uint8_t *)m->w + row * (m->k / 32) * 34;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t b = 0; b < m->k / 32; b++, q += 34) {
-        _mm_prefetch((const char *)q + AHEAD, _MM_HINT_T0);
-        __m256 d = _mm256_set1_ps(f16_at(q));
-        for (int j = 0; j < 4; j++) {
-            __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 2 + 8 * j))));
-            acc[j] = _mm256_fmadd_ps(_mm256_mul_ps(w, d), _mm256_loadu_ps(a->f + 32 * b + 8 * j), acc[j]);
-        }
-    }
-    return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-}
-
-/* The other GGUF block types widen their weights in registers and meet the fp32 activations
- * unrounded too: w = scale * q - offset, 8 at a time, where scale and offset are a sub-block's. */
-
-/* acc[i] += (scale * q - offset) * x over lanes 8i..8i+7 of the 32 bytes of v (q 0..63); lanes
- * 0-15 take scale and offset a, lanes 16-31 b (q6_k's sub-blocks are 16 wide). Four accumulators:
- * independent FMA chains (see q8_0_dot_avx2). */
-static inline void u8x32_fma(__m256i v, const float *x, float sa, float oa, float sb, float ob, __m256 acc[4]) {
-    __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
-    __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-    for (int i = 0; i < 4; i++) {
-        __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
-        __m256 w = _mm256_fmsub_ps(_mm256_set1_ps(i < 2 ? sa : sb), q, _mm256_set1_ps(i < 2 ? oa : ob));
-        acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * i), acc[i]);
-    }
-}
-
-static inline float hsum8x4(const __m256 acc[4]) {
-    return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
-}
-
-/* Every cache line of a K-quant block, AHEAD bytes on: one prefetch per block (144-210 bytes) left
- * 2-3 lines of it to the hardware prefetcher, which kept Q4_K / Q6_K rows at a third of memory speed. */
-static inline void prefetch_block(const uint8_t *b, int bytes) {
-    for (int at = 0; at < bytes; at += 64) _mm_prefetch((const char *)b + AHEAD + at, _MM_HINT_T0);
-}
-
-static inline __m256i nibbles_low(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
-static inline __m256i nibbles_high(__m256i v) {
-    return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15));
-}
-
-/* Bits 2j, 2j + 1 of each byte of h, moved to bits 4-5 (q6_k's high bits of its j-th quarter). */
-static inline __m256i crumb(__m256i h, int j) {
-    return _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(h, 2 * j), _mm256_set1_epi8(3)), 4);
-}
-
-static float q4_0_dot_avx2(const Weights *m, int64_t row, const Act *a) {
-    const uint8_t *q = (const uint8_t *)m->w + row * (m->k / 32) * 18;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t b = 0; b < m->k / 32; b++, q += 18) {
-        __m128i qs = _mm_loadu_si128((const __m128i *)(q + 2));
-        __m256i v = nibbles_low(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs)); /* inputs 0-15 low, 16-31 high */
-        float d = f16_at(q);
-        u8x32_fma(v, a->f + 32 * b, d, 8.f * d, d, 8.f * d, acc);
-    }
-    return hsum8x4(acc);
-}
-
-/* q4_k and q5_k (qh NULL for q4_k), as k_block: sub-blocks 2c and 2c + 1 from qs chunk c. */
-static inline float k_dot(const Weights *m, int64_t row, const Act *a, int bytes, int qh_at, int qs_at) {
-    const uint8_t *b = (const uint8_t *)m->w + row * (m->k / 256) * bytes;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t blk = 0; blk < m->k / 256; blk++, b += bytes) {
-        prefetch_block(b, bytes);
-        float d = f16_at(b), dmin = f16_at(b + 2);
-        __m256i qh = qh_at ? _mm256_loadu_si256((const __m256i *)(b + qh_at)) : _mm256_setzero_si256();
-        for (int c = 0; c < 4; c++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(b + qs_at + 32 * c));
-            for (int half = 0; half < 2; half++) {
-                int s = 2 * c + half;
-                float sc, mn;
-                k_scale_min(b + 4, s, &sc, &mn);
-                __m256i q = half ? nibbles_high(v) : nibbles_low(v);
-                if (qh_at) { /* the fifth bit: bit s of qh[l], as 16 */
-                    __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(s)), _mm256_set1_epi8(1));
-                    q = _mm256_or_si256(q, _mm256_slli_epi16(bit, 4));
-                }
-                u8x32_fma(q, a->f + 256 * blk + 32 * s, d * sc, dmin * mn, d * sc, dmin * mn, acc);
-            }
-        }
-    }
-    return hsum8x4(acc);
-}
-
-static float q4_k_dot_avx2(const Weights *m, int64_t row, const Act *a) { return k_dot(m, row, a, 144, 0, 16); }
-static float q5_k_dot_avx2(const Weights *m, int64_t row, const Act *a) { return k_dot(m, row, a, 176, 16, 48); }
-
-/* q6_k: per half, inputs l, l + 32, l + 64, l + 96 from ql[l], ql[32 + l] (low, then high
- * nibbles) with 2 bits of qh[l] each on top; w = d sc (q - 32), one sc per 16 inputs. */
-static float q6_k_dot_avx2(const Weights *m, int64_t row, const Act *a) {
-    const uint8_t *b = (const uint8_t *)m->w + row * (m->k / 256) * 210;
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (int64_t blk = 0; blk < m->k / 256; blk++, b += 210) {
-        prefetch_block(b, 210);
-        const int8_t *sc = (const int8_t *)(b + 192);
-        float d = f16_at(b + 208);
-        for (int half = 0; half < 2; half++) {
-            __m256i v0 = _mm256_loadu_si256((const __m256i *)(b + 64 * half));
-            __m256i v1 = _mm256_loadu_si256((const __m256i *)(b + 64 * half + 32));
-            __m256i h = _mm256_loadu_si256((const __m256i *)(b + 128 + 32 * half));
-            __m256i q[4] = {
-                _mm256_or_si256(nibbles_low(v0), crumb(h, 0)), _mm256_or_si256(nibbles_low(v1), crumb(h, 1)),
-                _mm256_or_si256(nibbles_high(v0), crumb(h, 2)), _mm256_or_si256(nibbles_high(v1), crumb(h, 3)),
-            };
-            for (int i = 0; i < 4; i++) {
-                int at = 128 * half + 32 * i; /* the first input of q[i] in the block */
-                float sa = d * (float)sc[at / 16], sb = d * (float)sc[at / 16 + 1];
-                u8x32_fma(q[i], a->f + 256 * blk + at, sa, 32.f * sa, sb, 32.f * sb, acc);
-            }
-        }
-    }
-    return hsum8x4(acc);
 }
 
 /* R <= ROWS rows at once, each kernel a compile-time R (the *_rows_avx2 functions switch on the
@@ -488,13 +395,13 @@ static inline __attribute__((always_inline)) void int8_rows(const int8_t *w, int
 }
 
 /* int4 rows (groups >= 64) rb bytes and sb scale pairs apart. Eight groups at a time: their
- * (scale, zero) pairs are one 32-byte load, split by a shift and a mask into fp32 s and z, and
- * the offsets (z - 8 s) sum(x) start each row's sum. */
+ * (scale, zero) pairs are one 32-byte load, read into fp32 s and offsets by group_scales8 (`zp`:
+ * int4zp's), and the offsets (z - o s) sum(x) start each row's sum. */
 static inline __attribute__((always_inline)) void int4_rows(const uint8_t *q, int64_t rb, const uint16_t *sz, int64_t sb,
                                                             int64_t k, int64_t group, const Act *a, float *out,
-                                                            const int R) {
+                                                            const int R, const int zp) {
     int64_t groups = k / group;
-    const __m256i ones = _mm256_set1_epi16(1), high = _mm256_set1_epi32((int)0xFFFF0000u), nib = _mm256_set1_epi8(0x0F);
+    const __m256i ones = _mm256_set1_epi16(1), nib = _mm256_set1_epi8(0x0F);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256 acc[ROWS], sc[ROWS];
     for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
@@ -503,9 +410,8 @@ static inline __attribute__((always_inline)) void int4_rows(const uint8_t *q, in
         __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(groups - g0 < 8 ? groups - g0 : 8)), lane);
         __m256 xsum = _mm256_maskload_ps(a->sum + g0, live), xs = _mm256_maskload_ps(a->qs + g0, live);
         for (int r = 0; r < R; r++) {
-            __m256i w = _mm256_maskload_epi32((const int *)(sz + r * sb + 2 * g0), live);
-            __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-            acc[r] = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.f), s, _mm256_castsi256_ps(_mm256_and_si256(w, high))), xsum, acc[r]);
+            __m256 offset, s = group_scales8(_mm256_maskload_epi32((const int *)(sz + r * sb + 2 * g0), live), zp, &offset);
+            acc[r] = _mm256_fmadd_ps(offset, xsum, acc[r]);
             sc[r] = _mm256_mul_ps(s, xs);
         }
         for (int64_t g = g0; g < groups && g < g0 + 8; g++) {
@@ -550,13 +456,20 @@ static inline __attribute__((always_inline)) void fp8_rows(const uint8_t *q, int
     for (int64_t b = 0, i = 0; i < k; b++) {
         int64_t end = i + block < k ? i + block : k;
         for (int r = 0; r < R; r++) part[r][0] = part[r][1] = _mm256_setzero_ps();
-        for (; i < end; i += 8) {
-            __m256 xi = _mm256_loadu_ps(x + i);
+        for (; i + 16 <= end; i += 16) { /* 16 a step: a chain index that was not a constant kept the
+                                          * chains in memory, each FMA waiting on a store (now +35 %) */
+            __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
             for (int r = 0; r < R; r++) {
                 const uint8_t *wr = q + r * rb + i;
-                if (!(i & 63)) _mm_prefetch((const char *)wr + AHEAD, _MM_HINT_T0);
-                part[r][(i >> 3) & 1] = _mm256_fmadd_ps(fp8x8(wr), xi, part[r][(i >> 3) & 1]);
+                if ((i & 63) < 16) _mm_prefetch((const char *)wr + AHEAD, _MM_HINT_T0);
+                part[r][0] = _mm256_fmadd_ps(fp8x8(wr), x0, part[r][0]);
+                part[r][1] = _mm256_fmadd_ps(fp8x8(wr + 8), x1, part[r][1]);
             }
+        }
+        if (i < end) { /* the block's last 8 */
+            __m256 x0 = _mm256_loadu_ps(x + i);
+            for (int r = 0; r < R; r++) part[r][0] = _mm256_fmadd_ps(fp8x8(q + r * rb + i), x0, part[r][0]);
+            i += 8;
         }
         for (int r = 0; r < R; r++)
             acc[r] = _mm256_fmadd_ps(_mm256_add_ps(part[r][0], part[r][1]), _mm256_set1_ps(s[r * sb + b] * 0x1p120f), acc[r]);
@@ -565,7 +478,7 @@ static inline __attribute__((always_inline)) void fp8_rows(const uint8_t *q, int
 }
 
 /* Whether a weight's rows go ROWS at a time: K a whole number of the kernel's steps (8 fp32,
- * 16 bf16, 32 int8 weights); int4 groups of 64 and more; fp8 K and block multiples of 8. */
+ * 16 bf16, 32 int8 weights); int4 and int4zp groups of 64 and more; fp8 K and block multiples of 8. */
 static int fp32_together_avx2(const Weights *m) { return m->k % 8 == 0; }
 static int bf16_together_avx2(const Weights *m) { return m->k % 16 == 0; }
 static int int8_together_avx2(const Weights *m) { return m->k % 32 == 0; }
@@ -610,18 +523,27 @@ static void int8_rows_avx2(const Weights *m, int64_t row, int64_t gap, int64_t n
     for (int64_t r = 0; r < n; r++) out[r * gap] = v[r] * ((const float *)m->scale)[row + r * gap];
 }
 
-static void int4_rows_avx2(const Weights *m, int64_t row, int64_t gap, int64_t n, const Act *a, float *out) {
+static inline __attribute__((always_inline)) void int4_rows_any(const Weights *m, int64_t row, int64_t gap, int64_t n,
+                                                                const Act *a, float *out, const int zp) {
     int64_t rb = m->k / 2, sb = 2 * (m->k / m->group); /* one row's bytes, scale pairs */
     const uint8_t *q = (const uint8_t *)m->w + row * rb;
     const uint16_t *sz = (const uint16_t *)m->scale + row * sb;
     float v[ROWS];
     switch (n) {
-        case 4: int4_rows(q, gap * rb, sz, gap * sb, m->k, m->group, a, v, 4); break;
-        case 3: int4_rows(q, gap * rb, sz, gap * sb, m->k, m->group, a, v, 3); break;
-        case 2: int4_rows(q, gap * rb, sz, gap * sb, m->k, m->group, a, v, 2); break;
-        default: int4_rows(q, gap * rb, sz, gap * sb, m->k, m->group, a, v, 1);
+        case 4: int4_rows(q, gap * rb, sz, gap * sb, m->k, m->group, a, v, 4, zp); break;
+        case 3: int4_rows(q, gap * rb, sz, gap * sb, m->k, m->group, a, v, 3, zp); break;
+        case 2: int4_rows(q, gap * rb, sz, gap * sb, m->k, m->group, a, v, 2, zp); break;
+        default: int4_rows(q, gap * rb, sz, gap * sb, m->k, m->group, a, v, 1, zp);
     }
     for (int64_t r = 0; r < n; r++) out[r * gap] = v[r];
+}
+
+static void int4_rows_avx2(const Weights *m, int64_t row, int64_t gap, int64_t n, const Act *a, float *out) {
+    int4_rows_any(m, row, gap, n, a, out, 0);
+}
+
+static void int4zp_rows_avx2(const Weights *m, int64_t row, int64_t gap, int64_t n, const Act *a, float *out) {
+    int4_rows_any(m, row, gap, n, a, out, 1);
 }
 
 static void fp8_rows_avx2(const Weights *m, int64_t row, int64_t gap, int64_t n, const Act *a, float *out) {

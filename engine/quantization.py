@@ -20,12 +20,16 @@ from engine.errors import EngineError
 from engine.experts import EXPERT_BACKENDS
 from engine.fp8 import FP8_MODULES, Fp8Experts
 from engine.ggml_quants import GGUF_MODULES, GGUFExperts
+from engine.gptq import INT4ZP_EXPERTS, INT4ZP_LINEARS
 from engine.layers import StoredWeights
 from engine.moe import Experts
 from engine.qmatmul import linear as qlinear
 from kernels.formats import INT4_GROUPS, quantize_int4, quantize_int8
 
 log = logging.getLogger(__name__)
+
+STORED_EXPERTS = (Fp8Experts, GGUFExperts, *INT4ZP_EXPERTS)  # re-quantized from their stored weights (`widened`)
+STORED_LINEARS = (*FP8_MODULES, *GGUF_MODULES, *INT4ZP_LINEARS)  # ... (`to_float`)
 
 SCHEMES = ("int8", "int4")
 TARGETS = ("experts", "attention", "mlp", "head")
@@ -49,7 +53,7 @@ class QuantizedLinear(StoredWeights):
 class QuantizedExperts(StoredWeights):
     """Stacked int8 or int4 experts with their scales; same call as `Experts`."""
 
-    def __init__(self, experts: Experts | Fp8Experts | GGUFExperts, scheme: str, group: int) -> None:
+    def __init__(self, experts: nn.Module, scheme: str, group: int) -> None:
         super().__init__()
         for name in ("gate_up_proj", "down_proj"):  # [E, 2I, H], [E, H, I]
             # Stored-quantized experts widen one weight at a time: the layer's float copy is never whole.
@@ -98,9 +102,7 @@ def quantize(model: Any, scheme: str = "int8", *, targets: tuple[str, ...] = TAR
     return model
 
 
-def quantize_modules(
-    net: nn.Module, scheme: str, *, targets: tuple[str, ...] = TARGETS, group_size: int = 128
-) -> int:
+def quantize_modules(net: nn.Module, scheme: str, *, targets: tuple[str, ...] = TARGETS, group_size: int = 128) -> int:
     """Swap the float modules under `net` (a whole model or one decoder layer); returns the count.
 
     Already-quantized modules are left alone, so the loader can call this per layer and then once
@@ -114,9 +116,9 @@ def quantize_modules(
     for parent_name, parent in net.named_modules():
         for child_name, child in parent.named_children():
             full = f"{parent_name}.{child_name}" if parent_name else child_name
-            experts = isinstance(child, (Experts, Fp8Experts, GGUFExperts))
+            experts = isinstance(child, (Experts, *STORED_EXPERTS))
             if (experts and "experts" in targets) or (
-                isinstance(child, (nn.Linear, *FP8_MODULES, *GGUF_MODULES)) and not experts and _target(full) in targets
+                isinstance(child, (nn.Linear, *STORED_LINEARS)) and not experts and _target(full) in targets
             ):
                 chosen.append((full, parent, child_name, child))
     swaps = 0
@@ -137,11 +139,11 @@ def quantize_modules(
 
 
 def _quantized(module: nn.Module, scheme: str, group: int) -> nn.Module | None:
-    if isinstance(module, (Fp8Experts, GGUFExperts)):  # re-quantized from their stored weights
+    if isinstance(module, STORED_EXPERTS):  # re-quantized from their stored weights
         if scheme == "int4" and any(module.float_inputs(n) % group for n in ("gate_up_proj", "down_proj")):
             return module.to_float()  # int4 cannot take them: float, as dequantized
         return QuantizedExperts(module, scheme, group)
-    if isinstance(module, (*FP8_MODULES, *GGUF_MODULES)):
+    if isinstance(module, STORED_LINEARS):
         module = module.to_float()  # [N, K] in the model dtype, this module only
         return _quantized(module, scheme, group) or module
     experts = isinstance(module, Experts)

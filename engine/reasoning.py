@@ -1,9 +1,11 @@
-"""Splitting a model's reasoning (<think>...</think>) from its answer while text streams in.
+"""Splitting a model's reasoning from its answer while text streams in: <think>...</think> (Qwen3,
+DeepSeek-R1 and most reasoning families) or gpt-oss's harmony channels.
 
-A state machine over text deltas: tags may arrive split across deltas, so a possible partial
+State machines over text deltas: tags may arrive split across deltas, so a possible partial
 tag is held back until decided. Templates that put the opening tag in the prompt
 (DeepSeek-R1) start in the reasoning state. Whitespace between the reasoning and the answer
-is dropped, so the answer starts with its first real character.
+is dropped, so the answer starts with its first real character. `reply_splitter` picks the
+machine for a model's tokenizer.
 """
 
 from __future__ import annotations
@@ -83,6 +85,69 @@ class ReasoningSplitter:
         if self.state == "reasoning":
             return [Piece("reasoning", text)] if text else []
         return self._answer(text)
+
+
+# gpt-oss's harmony format: each message is <|start|>{role}<|channel|>{channel}[ to=... <|constrain|>...]
+# <|message|>{text} ended by <|end|>, <|return|> (the reply's last) or <|call|> (a tool call).
+CHANNEL, MESSAGE = "<|channel|>", "<|message|>"
+ENDS = ("<|end|>", "<|return|>", "<|call|>")
+CHANNELS = {"analysis": "reasoning", "final": "answer"}  # commentary (tool calls, preambles) is not shown
+
+
+class HarmonySplitter:
+    """feed(delta) -> pieces; close() -> the rest, for text decoded with its special tokens kept.
+    A message's header (up to <|message|>) names its channel; its text goes to reasoning
+    (analysis), to the answer (final) or nowhere (other channels) until the message ends."""
+
+    def __init__(self) -> None:
+        self.kind: str | None = None  # in a message: where its text goes ("" nowhere); None: in a header
+        self.pending = ""
+        self.answer_started = False
+
+    def _emit(self, kind: str, text: str) -> list[Piece]:
+        if kind == "answer" and not self.answer_started:
+            text = text.lstrip()
+            self.answer_started = bool(text)
+        return [Piece(kind, text)] if kind and text else []
+
+    def feed(self, delta: str) -> list[Piece]:
+        self.pending += delta
+        pieces: list[Piece] = []
+        while True:
+            if self.kind is None:  # a header: wait for <|message|>, read the channel
+                at = self.pending.find(MESSAGE)
+                if at < 0:
+                    return pieces
+                header, self.pending = self.pending[:at], self.pending[at + len(MESSAGE) :]
+                channel = header.split(CHANNEL, 1)[1].split()[0].split("<|")[0] if CHANNEL in header else "final"
+                self.kind = CHANNELS.get(channel, "")
+                continue
+            ends = [(i, tag) for tag in ENDS if (i := self.pending.find(tag)) >= 0]
+            if ends:
+                at, tag = min(ends)
+                pieces += self._emit(self.kind, self.pending[:at])
+                self.pending, self.kind = self.pending[at + len(tag) :], None
+                continue
+            keep = max(_partial_suffix(self.pending, tag) for tag in ENDS)
+            text, self.pending = self.pending[: len(self.pending) - keep], self.pending[len(self.pending) - keep :]
+            return pieces + self._emit(self.kind, text)
+
+    def close(self) -> list[Piece]:
+        text, self.pending = self.pending, ""
+        if self.kind is None:  # a reply that never opened a message: plain text is the answer
+            return self._emit("answer", text) if CHANNEL not in text and MESSAGE not in text else []
+        return self._emit(self.kind, text)
+
+
+def is_harmony(tokenizer: object) -> bool:
+    """Whether a tokenizer speaks gpt-oss's harmony format (its vocabulary has the channel token)."""
+    vocab = getattr(tokenizer, "get_vocab", None)
+    return vocab is not None and CHANNEL in vocab()
+
+
+def reply_splitter(tokenizer: object, prompt: str) -> ReasoningSplitter | HarmonySplitter:
+    """The splitter for the reply to `prompt` (its text) from a model with this tokenizer."""
+    return HarmonySplitter() if is_harmony(tokenizer) else ReasoningSplitter.after(prompt)
 
 
 def split_reasoning(deltas: Iterable[str], *, starts_in_reasoning: bool = False) -> Iterator[Piece]:

@@ -96,7 +96,9 @@ class Rope:
             self.inv_freq, self.attention_factor = ROPE_TYPES[args.rope_type](args, dim)
         self._tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def span(self, start: int, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def span(
+        self, start: int, length: int, dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [length, D] for positions start..start+length-1, sliced from tables kept per
         dtype and device (doubled when outgrown): a decode step then costs two slices instead of
         the ~90 us of torch ops that computing them took (measured on a 2-core VM)."""

@@ -54,3 +54,22 @@ def sigmoid_grouped_topk(
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return weights * scaling, ids
+
+
+def softmax_group_topk(
+    logits: torch.Tensor, k: int, *, n_group: int, topk_group: int, renormalize: bool, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2: softmax over all experts in fp32; with n_group > 1 ("group_limited_greedy") only
+    the `topk_group` groups with the highest single score compete; the top k scores, optionally
+    renormalized, times `scaling`. logits [T, E] -> weights [T, K] fp32, ids [T, K] int64."""
+    t, e = logits.shape
+    scores = torch.softmax(logits.float(), dim=-1)  # [T, E]
+    if n_group > 1:
+        group_scores = scores.view(t, n_group, e // n_group).amax(dim=-1)  # [T, G]
+        keep_groups = torch.topk(group_scores, topk_group, dim=-1).indices  # [T, topk_group]
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep_groups, True)  # [T, G]
+        scores = scores.masked_fill(~group_mask.repeat_interleave(e // n_group, dim=1), 0.0)
+    weights, ids = torch.topk(scores, k, dim=-1)  # [T, K]
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids

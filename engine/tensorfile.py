@@ -105,6 +105,17 @@ class TensorFile:
             if self._file.readinto(memoryview(out.view(-1).view(torch.uint8).numpy())) != end - start:
                 raise CheckpointError(f"Cannot read {name} from {self.path}: short read; download it again.")
 
+    def rows(self, name: str, begin: int, end: int) -> torch.Tensor:
+        """Slices begin..end of tensor `name`'s first dimension, as a fresh CPU tensor."""
+        entry = self._entries[name]
+        first, *rest = entry["shape"]
+        start, stop = entry["data_offsets"]
+        row_bytes = (stop - start) // max(first, 1)
+        end = min(end, first)
+        out = torch.empty((max(end - begin, 0), *rest), dtype=self._dtype(name))
+        self._read(name, start + begin * row_bytes, start + end * row_bytes, out)
+        return out
+
     def get(self, name: str) -> torch.Tensor:
         """Tensor `name` as a fresh CPU tensor."""
         entry = self._entries[name]

@@ -36,11 +36,21 @@ def load_tokenizer(directory: Path) -> Any | None:
         raise CheckpointError(f"The tokenizer files in {directory} cannot be loaded: {exc}") from exc
 
 
-def chat_prompt(tokenizer: Any, messages: Sequence[Message], *, enable_thinking: bool | None = None) -> list[int]:
-    """Token ids of `messages` rendered by the checkpoint's chat template, ready for the reply."""
+def chat_prompt(
+    tokenizer: Any,
+    messages: Sequence[Message],
+    *,
+    enable_thinking: bool | None = None,
+    reasoning_effort: str | None = None,
+) -> list[int]:
+    """Token ids of `messages` rendered by the checkpoint's chat template, ready for the reply.
+    `enable_thinking` is Qwen3's thinking switch, `reasoning_effort` gpt-oss's (low, medium, high);
+    None leaves the template's default, and a template without the switch ignores it."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise EngineError("This checkpoint's tokenizer has no chat template; pass plain text or token ids instead.")
-    extra = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    extra: dict[str, Any] = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
+    if reasoning_effort is not None:
+        extra["reasoning_effort"] = reasoning_effort
     # Render to text, then encode without adding specials: the template writes BOS itself.
     text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **extra)
     return list(tokenizer.encode(text, add_special_tokens=False))

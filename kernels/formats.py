@@ -30,6 +30,15 @@ are carried through unchanged.
         64 bytes, qh 32): inputs l, l + 32, l + 64, l + 96 are the low nibbles of ql[l], ql[32 + l],
         the high nibbles of ql[l], ql[32 + l], with bits 0-1, 2-3, 4-5, 6-7 of qh[l] on top;
         w = d * sc[i / 16] * (q - 32).
+  mxfp4 32 inputs in 17 bytes (ggml's block_mxfp4, also how .gguf files store MXFP4): e e8m0, qs[16]
+        (input j low nibble, 16 + j high), each nibble an e2m1 code; w = E2M1[q] * 2^(e - 127).
+        Checkpoints in the OCP layout (gpt-oss: `X_blocks` [.., N, K/32, 16], input 2j in the low
+        nibble of byte j, 2j + 1 in the high one; `X_scales` [.., N, K/32] e8m0) are repacked into it
+        losslessly at load.
+  int4zp packed [.., N, K/2] uint8 as int4, scale_zero [.., N, G, 2] fp16 (scale, zero point);
+        w = (q - zero) * scale, zero an integer 0..16 (GPTQ v1 stores zero - 1 in 4 bits, so 16
+        occurs) (GPTQ and AWQ's layout, repacked exactly: an fp16 scale does not fit in int4's bf16,
+        and zero * scale not in fp16).
 The int4 chunk order lets a kernel unpack 32 inputs with one mask and one shift of 16 bytes.
 A stored uint8 weight is int4 unless its module says otherwise: several formats share the dtype, so
 modules holding GGUF blocks carry their Format and pass it to every kernel as `fmt`.
@@ -81,7 +90,7 @@ class Format:
         fp8's block is not in its shapes (see above): its callers pass it."""
         if self is FP8:
             raise ValueError("fp8 weights need their input block passed explicitly (the module's `block`)")
-        if self is INT4 and scale is not None:
+        if self in (INT4, INT4ZP) and scale is not None:
             return self.inputs(w) // scale.shape[-2]
         return self.block or CHUNK
 
@@ -96,8 +105,11 @@ Q4_K = Format("q4_k", 6, torch.uint8, 1, None, 256, 144)
 Q6_K = Format("q6_k", 7, torch.uint8, 1, None, 256, 210)
 Q4_0 = Format("q4_0", 8, torch.uint8, 1, None, 32, 18)
 Q5_K = Format("q5_k", 9, torch.uint8, 1, None, 256, 176)
-FORMATS = (FP32, BF16, INT8, INT4, FP8, Q8_0, Q4_K, Q6_K, Q4_0, Q5_K)  # in code order
-GGUF_FORMATS = {"Q8_0": Q8_0, "Q4_K": Q4_K, "Q6_K": Q6_K, "Q4_0": Q4_0, "Q5_K": Q5_K}  # by GGML type name
+MXFP4 = Format("mxfp4", 10, torch.uint8, 1, None, 32, 17)
+INT4ZP = Format("int4zp", 11, torch.uint8, 2, "fp16 [.., N, G, 2] (scale, zero point)")
+FORMATS = (FP32, BF16, INT8, INT4, FP8, Q8_0, Q4_K, Q6_K, Q4_0, Q5_K, MXFP4, INT4ZP)  # in code order
+GGUF_FORMATS = {"Q8_0": Q8_0, "Q4_K": Q4_K, "Q6_K": Q6_K, "Q4_0": Q4_0, "Q5_K": Q5_K, "MXFP4": MXFP4}  # by GGML name
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)  # mxfp4's codes
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 _BY_DTYPE = {f.dtype: f for f in (FP32, BF16, INT8, INT4, FP8)}  # uint8 means int4 unless told
 
@@ -190,11 +202,58 @@ def fp8_row_scales(block_scale: torch.Tensor, rows: int, block: int) -> torch.Te
     return block_scale.float().repeat_interleave(block, dim=0)[:rows]
 
 
+def quantize_mxfp4(w: torch.Tensor) -> torch.Tensor:
+    """w [.., N, K] float (K a multiple of 32) -> MXFP4 blocks [.., N, K / 32 * 17], as the OCP MX spec
+    quantizes: per 32 inputs the exponent floor(log2(max |w|)) - 2 (e2m1's largest, 6, is 1.5 * 2^2,
+    so the top of the range clips), each input the nearest e2m1 value."""
+    groups = w.float().reshape(-1, 32)  # [B, 32]
+    top = groups.abs().amax(-1, keepdim=True)  # [B, 1]
+    exponent = torch.where(top > 0, torch.floor(torch.log2(top)) - 2, -127).clamp(-127, 127)  # all zero: e = 0
+    values = torch.tensor(E2M1)
+    codes = (groups / torch.exp2(exponent))[..., None].sub(values).abs().argmin(-1).to(torch.uint8)  # [B, 32]
+    qs = codes[:, :16] | (codes[:, 16:] << 4)  # input j low, 16 + j high
+    blocks = torch.cat([(exponent + 127).to(torch.uint8), qs], dim=-1)  # [B, 17]
+    return blocks.view(*w.shape[:-1], w.shape[-1] // 32 * 17)
+
+
+def quantize_q4_k(w: torch.Tensor) -> torch.Tensor:
+    """w [.., N, K] float (K a multiple of 256) -> Q4_K blocks [.., N, K / 256 * 144]: per sub-block of 32
+    the range [min(0, lowest), highest] in 15 steps, its step and offset as 6-bit multiples of the
+    block's fp16 d and dmin. (llama.cpp also searches each sub-block's scale; this takes min/max.)"""
+    sub = w.float().reshape(-1, 8, 32)  # [B, 8, 32]
+    low = sub.amin(-1).clamp(max=0)  # [B, 8], <= 0 (w = d sc q - dmin m, m >= 0)
+    step = (sub.amax(-1) - low) / 15  # [B, 8]
+    d = (step.amax(-1, keepdim=True) / 63).to(torch.float16)  # [B, 1]
+    dmin = (-low.amin(-1, keepdim=True) / 63).to(torch.float16)  # [B, 1]
+    sc = torch.round(step / d.float().clamp(min=1e-30)).clamp(0, 63)  # [B, 8]
+    mn = torch.round(-low / dmin.float().clamp(min=1e-30)).clamp(0, 63)  # [B, 8]
+    scale = (d.float() * sc)[..., None]  # [B, 8, 1]
+    q = torch.round((sub + (dmin.float() * mn)[..., None]) / scale.clamp(min=1e-30)).clamp(0, 15).to(torch.uint8)
+    sc, mn = sc.to(torch.uint8), mn.to(torch.uint8)
+    packed = torch.cat(  # the 12 scale bytes _k_scales reads back
+        [
+            sc[:, :4] | ((sc[:, 4:] >> 4) << 6),
+            mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+            (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4),
+        ],
+        dim=-1,
+    )  # [B, 12]
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).flatten(1)  # [B, 128]: chunk c holds sub-blocks 2c (low), 2c + 1 (high)
+    halves = torch.cat([d, dmin], dim=-1).view(torch.uint8)  # [B, 4]
+    return torch.cat([halves, packed, qs], dim=-1).view(*w.shape[:-1], w.shape[-1] // 256 * 144)
+
+
+_BLOCK_QUANTIZE = {"mxfp4": quantize_mxfp4, "q4_k": quantize_q4_k}
+
+
 def quantize(w: torch.Tensor, fmt: Format, group: int = 128) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A float weight [.., N, K] in `fmt`: (stored weight, scale or None). `group`: int4's group, fp8's block.
-    GGUF block types are read as files store them, never made here."""
+    Of the block types only MXFP4 and Q4_K are made here (benchmarks and tests); the others are read
+    as files store them."""
     if fmt.block:
-        raise ValueError(f"{fmt.name} weights come from GGUF files; the engine does not quantize to them")
+        if fmt.name not in _BLOCK_QUANTIZE:
+            raise ValueError(f"{fmt.name} weights come from GGUF files; the engine does not quantize to them")
+        return _BLOCK_QUANTIZE[fmt.name](w), None
     if fmt is INT8:
         return quantize_int8(w)
     if fmt is INT4:
@@ -220,11 +279,12 @@ def dequantize(
         return w.float() * fp8_expand(scale, group, w.shape[-1])
     if fmt is INT8:
         return w.float() * scale.float()[..., None]
-    if fmt is INT4:
+    if fmt in (INT4, INT4ZP):
         q = unpack_int4(w).float()  # [..., N, K]
         groups = scale.shape[-2]
         s, z = scale[..., 0].float(), scale[..., 1].float()  # [..., N, G]
-        wg = (q.view(*q.shape[:-1], groups, -1) - 8) * s[..., None] + z[..., None]  # [..., N, G, g]
+        qg = q.view(*q.shape[:-1], groups, -1)  # [..., N, G, g]
+        wg = (qg - 8) * s[..., None] + z[..., None] if fmt is INT4 else (qg - z[..., None]) * s[..., None]
         return wg.view(q.shape)
     return w.float()
 
@@ -286,4 +346,11 @@ def _q6_k(blocks: torch.Tensor) -> torch.Tensor:
     return _f16(blocks, 208) * scales.repeat_interleave(16, dim=1) * q.flatten(1)
 
 
-_BLOCK_DEQUANTIZE = {Q8_0: _q8_0, Q4_0: _q4_0, Q4_K: _q4_k, Q5_K: _q5_k, Q6_K: _q6_k}
+def _mxfp4(blocks: torch.Tensor) -> torch.Tensor:
+    q = _nibbles(blocks[:, None, 1:17]).flatten(1).long()  # [B, 32]: low nibbles, then high
+    e = blocks[:, :1].int() - 127  # [B, 1]; e = 255 (NaN) is never written
+    scale = torch.ldexp(torch.ones(e.shape), e)
+    return torch.tensor(E2M1)[q] * scale
+
+
+_BLOCK_DEQUANTIZE = {Q8_0: _q8_0, Q4_0: _q4_0, Q4_K: _q4_k, Q5_K: _q5_k, Q6_K: _q6_k, MXFP4: _mxfp4}

@@ -56,15 +56,20 @@ class _Block:
 
 
 def _fp32(norm: RMSNorm) -> torch.Tensor:
-    return norm.weight.float().contiguous()  # the weight itself when it already is
+    return norm.scale().contiguous()  # the weight itself when it already is fp32 and not offset
 
 
 def _attention(attn: nn.Module) -> _Attention | None:
     """attn for native.attention, or None when it is another kind of attention (DeepSeek's latent
-    one), a projection is in a layout the kernels do not read (fp16), or q, k and v differ in
+    one, OLMoE's whole-projection q/k norms and clipping, GLM's partial rotary), a projection is in a layout the kernels do not read (fp16), or q, k and v differ in
     layout (format or group: e.g. one stayed float under int4; they share one prepared input)."""
-    if not isinstance(attn, Attention):
-        return None
+    if (
+        not isinstance(attn, Attention)
+        or not attn.qk_norm_per_head
+        or attn.clip_qkv is not None
+        or attn.rotary_dim != attn.head_dim
+    ):
+        return None  # the kernel norms q and k per head, clips nothing and rotates whole heads
     modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
     # (weight, scale, bias, fp8 block, GGUF format): what a module stores beyond its dtype
     layers = [
@@ -85,7 +90,7 @@ def _input_kind(
     w: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, block: int | None, fmt: Format | None
 ) -> tuple[int, int] | str:
     """What q, k and v must share to read one prepared input: (format, group), or "gguf" for any mix of
-    GGUF block types, which read the fp32 input as it is (Q4_K_M files keep attn_v in Q6_K)."""
+    block types, which share one preparation (Q4_K_M files keep attn_v in Q6_K)."""
     code, _, group = native.layout(w, scale, block, fmt)
     return "gguf" if FORMATS[code].block else (code, group)
 
@@ -105,17 +110,19 @@ def _fused(
         or block.input_layernorm.eps != block.post_attention_layernorm.eps  # the kernel takes one eps
         or router.weight.dtype not in (torch.float32, torch.bfloat16)
         or w13.dtype != w2.dtype
-        or f13 != f2  # the kernel reads both in one format
         or not (native.supports(w13, f13) and native.supports(w2, f2) and native.supports(router.weight))
     ):
         return None, []
     s13, s2 = getattr(experts, "gate_up_scale", None), getattr(experts, "down_scale", None)
-    fmt, _, group = native.layout(w13, s13, getattr(experts, "block", None), f13)  # fp8 experts carry their block
+    fp8_block = getattr(experts, "block", None)  # fp8 experts carry their block
+    fmt, _, group = native.layout(w13, s13, fp8_block, f13)
+    fmt2, _, group2 = native.layout(w2, s2, fp8_block, f2)  # Q4_K_M files keep down in another type
     router_proj, router_keep = native.projections([(router.weight, None, None)])
     a = attention
     args = native.BlockArgs(
         heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, experts=router.weight.shape[0], topk=router.top_k,
-        renormalize=int(router.renormalize), fmt=fmt, inter=w13.shape[1] // 2, group=group, attn=a.projs,
+        renormalize=int(router.renormalize), fmt=fmt, inter=w13.shape[1] // 2, group=group, fmt2=fmt2,
+        group2=group2, attn=a.projs,
         qnorm=native.address(a.q_norm), knorm=native.address(a.k_norm), in_norm=in_norm.data_ptr(),
         post_norm=post_norm.data_ptr(), qk_eps=a.qk_eps, eps=block.input_layernorm.eps, router=router_proj,
         w13=w13.data_ptr(), s13=native.address(s13), w2=w2.data_ptr(), s2=native.address(s2),

@@ -1,4 +1,5 @@
-"""DeepSeek-V3 / R1 / Moonlight: multi-head latent attention (MLA) and grouped sigmoid routing.
+"""DeepSeek-V3 / R1 / Moonlight and DeepSeek-V2 / V2-Lite: multi-head latent attention (MLA) and
+routed + shared experts; V3 routes by grouped sigmoid scores, V2 by softmax (greedy or group-limited).
 
 Shapes: B batch, T new tokens, S cached + new tokens, N heads, R kv_lora_rank,
 Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim, E experts, H hidden.
@@ -20,9 +21,11 @@ from engine.decoder import Block, CausalLM
 from engine.errors import UnsupportedArchitectureError
 from engine.layers import MLP, RMSNorm, attend, linear
 from engine.models import Architecture
-from engine.moe import Experts, SigmoidGroupRouter
-from engine.rope import Rope, rotate, rotate_interleaved, yarn_mscale
+from engine.moe import RoutedMoe, SigmoidGroupRouter, SoftmaxGroupRouter
+from engine.rope import rotate, rotate_interleaved, yarn_mscale
 
+# (scoring_func, topk_method) pairs: V3's, then V2's two.
+_ROUTINGS = (("sigmoid", "noaux_tc"), ("softmax", "greedy"), ("softmax", "group_limited_greedy"))
 # DeepSeek's q/kv LoRA norms use RMSNorm's default eps, not config.rms_norm_eps.
 _LORA_NORM_EPS = 1e-6
 
@@ -43,6 +46,7 @@ class DeepseekV3Args:
     num_experts: int
     num_shared_experts: int
     top_k: int
+    scoring: str  # "sigmoid" (V3: with the correction bias) | "softmax" (V2)
     n_group: int
     topk_group: int
     norm_topk_prob: bool
@@ -57,12 +61,17 @@ class DeepseekV3Args:
 
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> DeepseekV3Args:
-        # The official config.json spells out the V3 routing; V2-style routing is another model.
-        for key, supported in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc")):
-            if c.get(key) not in (None, supported):
-                raise UnsupportedArchitectureError(
-                    f"deepseek_v3 with {key}={c[key]!r} is not supported (only {supported!r}, as in V3/R1)."
-                )
+        # V3 routes by sigmoid scores with a correction bias ("noaux_tc"), V2 by softmax, greedy or
+        # group-limited; each config.json may spell its method out (the GGUF reader always does).
+        v2 = c.get("model_type") == "deepseek_v2"
+        scoring = c.get("scoring_func") or ("softmax" if v2 else "sigmoid")
+        method = c.get("topk_method") or ("greedy" if v2 else "noaux_tc")
+        if (scoring, method) not in _ROUTINGS:
+            raise UnsupportedArchitectureError(
+                f"DeepSeek routing scoring_func={scoring!r} with topk_method={method!r} is not supported; supported: "
+                + ", ".join(f"{s} with {m}" for s, m in _ROUTINGS)
+                + "."
+            )
         return cls(
             vocab_size=int(c["vocab_size"]),
             hidden_size=int(c["hidden_size"]),
@@ -78,9 +87,11 @@ class DeepseekV3Args:
             num_experts=int(require(c, "n_routed_experts", "num_local_experts")),
             num_shared_experts=int(c.get("n_shared_experts") or 0),
             top_k=int(c["num_experts_per_tok"]),
-            n_group=int(c.get("n_group") or 1),
+            scoring=scoring,
+            # V2's "greedy" ignores the groups its config.json may still list.
+            n_group=1 if method == "greedy" else int(c.get("n_group") or 1),
             topk_group=int(c.get("topk_group") or 1),
-            norm_topk_prob=bool(c.get("norm_topk_prob", True)),
+            norm_topk_prob=bool(c.get("norm_topk_prob", not v2)),
             routed_scaling_factor=float(c.get("routed_scaling_factor", 1.0)),
             first_k_dense_replace=int(c.get("first_k_dense_replace", 0)),
             rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
@@ -155,53 +166,37 @@ class LatentAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, n * dv))  # [B, T, H]
 
 
-class DeepseekMoe(nn.Module):
-    """Routed experts (grouped sigmoid top-k) plus always-on shared experts."""
-
-    def __init__(self, args: DeepseekV3Args) -> None:
-        super().__init__()
-        self.gate = SigmoidGroupRouter(
-            args.num_experts,
-            args.hidden_size,
-            args.top_k,
-            n_group=args.n_group,
-            topk_group=args.topk_group,
-            renormalize=args.norm_topk_prob,
-            scaling=args.routed_scaling_factor,
-        )
-        self.experts = Experts(args.num_experts, args.hidden_size, args.moe_intermediate_size)
-        self.shared_experts = (
-            MLP(args.hidden_size, args.moe_intermediate_size * args.num_shared_experts)
-            if args.num_shared_experts
-            else None
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])  # [B*T, H]
-        weights, ids = self.gate(flat)  # [B*T, K] each
-        out = self.experts(flat, weights, ids).view(shape)  # [B, T, H]
-        return out if self.shared_experts is None else out + self.shared_experts(x)
-
-
-def build(args: DeepseekV3Args) -> CausalLM:
-    blocks = []
-    for i in range(args.num_layers):
-        mlp = DeepseekMoe(args) if i >= args.first_k_dense_replace else MLP(args.hidden_size, args.intermediate_size)
-        blocks.append(Block(LatentAttention(args), mlp, args.hidden_size, args.rms_norm_eps))
-    return CausalLM(
-        args.vocab_size,
+def moe_or_mlp(args: Any, layer: int, router: type[nn.Module] = SigmoidGroupRouter) -> nn.Module:
+    """DeepSeek's feed-forward for `layer`: a dense MLP below first_k_dense_replace, else routed experts
+    behind `router` (grouped, scaled) plus the shared ones (DeepSeek-V2/V3 and GLM-4.5 args alike)."""
+    if layer < args.first_k_dense_replace:
+        return MLP(args.hidden_size, args.intermediate_size)
+    gate = router(
+        args.num_experts,
         args.hidden_size,
-        blocks,
-        eps=args.rms_norm_eps,
-        rope=Rope(args.rope, args.qk_rope_head_dim),
-        tie_word_embeddings=args.tie_word_embeddings,
-        max_position_embeddings=args.rope.max_position_embeddings,
+        args.top_k,
+        n_group=args.n_group,
+        topk_group=args.topk_group,
+        renormalize=args.norm_topk_prob,
+        scaling=args.routed_scaling_factor,
+    )
+    return RoutedMoe(
+        gate, args.num_experts, args.hidden_size, args.moe_intermediate_size, shared=args.num_shared_experts
     )
 
 
-def _mtp_layers(args: DeepseekV3Args) -> tuple[str, ...]:
-    # The multi-token-prediction layers after the last decoder layer serve speculative decoding only.
+def build(args: DeepseekV3Args) -> CausalLM:
+    router = SigmoidGroupRouter if args.scoring == "sigmoid" else SoftmaxGroupRouter
+    blocks = [
+        Block(LatentAttention(args), moe_or_mlp(args, i, router), args.hidden_size, args.rms_norm_eps)
+        for i in range(args.num_layers)
+    ]
+    return CausalLM.assemble(args, blocks, rope_dim=args.qk_rope_head_dim)
+
+
+def mtp_layers(args: DeepseekV3Args) -> tuple[str, ...]:
+    """The multi-token-prediction layers after the last decoder layer (DeepSeek-V3, GLM-4.5): they
+    serve speculative decoding only."""
     first = args.num_layers
     return tuple(rf"model\.layers\.{i}\..*" for i in range(first, first + args.num_nextn_predict_layers))
 
@@ -209,6 +204,6 @@ def _mtp_layers(args: DeepseekV3Args) -> tuple[str, ...]:
 ARCHITECTURE = Architecture(
     args_from_config=DeepseekV3Args.from_config,
     build=build,
-    ignore=_mtp_layers,
+    ignore=mtp_layers,
     keep_fp32=("e_score_correction_bias",),
 )

@@ -10,30 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import RopeArgs, gqa_fields
+from engine.config import DecoderArgs, gqa_fields
 from engine.decoder import Block, CausalLM
 from engine.errors import UnsupportedArchitectureError
 from engine.layers import MLP, Attention
 from engine.models import Architecture
-from engine.rope import Rope
 
 
 @dataclass(frozen=True)
-class DenseArgs:
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int
-    rms_norm_eps: float
+class DenseArgs(DecoderArgs):
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
     qk_norm: bool
-    tie_word_embeddings: bool
-    rope: RopeArgs
 
 
 def _common(c: dict[str, Any], *, qkv_bias: bool, o_bias: bool, mlp_bias: bool, qk_norm: bool) -> DenseArgs:
@@ -84,19 +73,11 @@ def build(args: DenseArgs) -> CausalLM:
         )
         for _ in range(args.num_layers)
     ]
-    return CausalLM(
-        args.vocab_size,
-        args.hidden_size,
-        blocks,
-        eps=args.rms_norm_eps,
-        rope=Rope(args.rope, args.head_dim),
-        tie_word_embeddings=args.tie_word_embeddings,
-        max_position_embeddings=args.rope.max_position_embeddings,
-    )
+    return CausalLM.assemble(args, blocks)
 
 
 # Old Llama checkpoints store the rotary table; it is derived from config.json instead.
-_IGNORE = lambda args: (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)  # noqa: E731
+_IGNORE = lambda args: (r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",)
 
 LLAMA = Architecture(args_from_config=llama_args, build=build, ignore=_IGNORE)
 QWEN2 = Architecture(args_from_config=qwen2_args, build=build, ignore=_IGNORE)

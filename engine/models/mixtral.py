@@ -10,29 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import RopeArgs, gqa_fields
+from engine.config import DecoderArgs, gqa_fields
 from engine.decoder import Block, CausalLM
 from engine.errors import UnsupportedArchitectureError
 from engine.layers import Attention
 from engine.models import Architecture
 from engine.moe import SparseMoe
-from engine.rope import Rope
 
 
 @dataclass(frozen=True)
-class MixtralArgs:
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int  # one expert
+class MixtralArgs(DecoderArgs):
     num_experts: int
     top_k: int
-    rms_norm_eps: float
-    tie_word_embeddings: bool
-    rope: RopeArgs
 
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> MixtralArgs:
@@ -58,15 +47,7 @@ def build(args: MixtralArgs) -> CausalLM:
         )
         for _ in range(args.num_layers)
     ]
-    return CausalLM(
-        args.vocab_size,
-        args.hidden_size,
-        blocks,
-        eps=args.rms_norm_eps,
-        rope=Rope(args.rope, args.head_dim),
-        tie_word_embeddings=args.tie_word_embeddings,
-        max_position_embeddings=args.rope.max_position_embeddings,
-    )
+    return CausalLM.assemble(args, blocks)
 
 
 ARCHITECTURE = Architecture(

@@ -9,40 +9,29 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from engine.config import RopeArgs, gqa_fields, require
+from engine.config import DecoderArgs, gqa_fields, require
 from engine.decoder import Block, CausalLM
 from engine.errors import UnsupportedArchitectureError
 from engine.layers import MLP, Attention
 from engine.models import Architecture
 from engine.moe import SparseMoe
-from engine.rope import Rope
 
 
 @dataclass(frozen=True)
-class Qwen3MoeArgs:
-    vocab_size: int
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate_size: int  # dense layers
+class Qwen3MoeArgs(DecoderArgs):
     moe_intermediate_size: int  # one expert
     num_experts: int
     top_k: int
     norm_topk_prob: bool
     decoder_sparse_step: int
     mlp_only_layers: tuple[int, ...]
-    rms_norm_eps: float
     attention_bias: bool
-    tie_word_embeddings: bool
-    rope: RopeArgs
 
     @classmethod
     def from_config(cls, c: dict[str, Any]) -> Qwen3MoeArgs:
         if c.get("use_sliding_window"):
             raise UnsupportedArchitectureError(
-                "This Qwen3-MoE checkpoint enables sliding-window attention (use_sliding_window), "
+                f"This {c.get('model_type')} checkpoint enables sliding-window attention (use_sliding_window), "
                 "which the engine does not implement yet."
             )
         return cls(
@@ -86,15 +75,7 @@ def build(args: Qwen3MoeArgs) -> CausalLM:
         else:
             mlp = MLP(args.hidden_size, args.intermediate_size)
         blocks.append(Block(attn, mlp, args.hidden_size, args.rms_norm_eps))
-    return CausalLM(
-        args.vocab_size,
-        args.hidden_size,
-        blocks,
-        eps=args.rms_norm_eps,
-        rope=Rope(args.rope, args.head_dim),
-        tie_word_embeddings=args.tie_word_embeddings,
-        max_position_embeddings=args.rope.max_position_embeddings,
-    )
+    return CausalLM.assemble(args, blocks)
 
 
 ARCHITECTURE = Architecture(args_from_config=Qwen3MoeArgs.from_config, build=build)

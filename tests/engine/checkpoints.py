@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,20 @@ INIT = 0.1
 def _no_special_tokens() -> dict[str, Any]:
     # No EOS: transformers' generate would stop early, and the comparison wants 32 tokens.
     return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+
+
+def _gpt_oss_sinks_and_biases(model: nn.Module) -> None:
+    # transformers starts the experts' biases at zero and the sinks near it, which would test nothing.
+    for name, p in model.named_parameters():
+        if name.endswith(("sinks", "gate_up_proj_bias", "down_proj_bias")):
+            p.copy_(torch.randn_like(p) * (1.0 if name.endswith("sinks") else 0.1))
+
+
+def _offset_norms(model: nn.Module) -> None:
+    # Qwen3-Next's norms scale by 1 + weight and start at zero: random weights so the offset is tested.
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") and "linear_attn" not in name:
+            p.copy_(torch.randn_like(p) * 0.1)
 
 
 def _random_correction_bias(model: nn.Module) -> None:
@@ -78,6 +93,23 @@ _DEEPSEEK = dict(
     qk_nope_head_dim=8,
     v_head_dim=16,
 )
+_QWEN3_NEXT = dict(
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    num_hidden_layers=5,
+    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention", "full_attention"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=8,
+    linear_conv_kernel_dim=4,
+    num_experts=8,
+    num_experts_per_tok=2,
+)
 _YARN = {
     "rope_type": "yarn",
     "rope_theta": 10000.0,
@@ -107,6 +139,112 @@ CASES: dict[str, Case] = {
             tie_word_embeddings=True,
         ),
     ),
+    # A shared expert with its gate, q/k/v biases, the middle layer dense, no renormalization.
+    "qwen2_moe": Case(
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            _QWEN3_MOE,
+            num_hidden_layers=3,
+            mlp_only_layers=[1],
+            shared_expert_intermediate_size=48,
+            norm_topk_prob=False,
+        ),
+    ),
+    # q/k normed over the whole projection, q/k/v clipped (at a value some activations exceed).
+    "olmoe": Case(
+        "OlmoeConfig",
+        "OlmoeForCausalLM",
+        dict(
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=8,
+            num_experts_per_tok=2,
+            clip_qkv=1.5,
+        ),
+    ),
+    # Sliding (window 6, shorter than the prompts), full, sliding; sinks; YaRN; a clamp the SwiGLU
+    # activations reach (swiglu_limit 0.3 instead of 7).
+    "gpt_oss": Case(
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        dict(
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            sliding_window=6,
+            swiglu_limit=0.3,
+            max_position_embeddings=1024,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 256,
+            },
+        ),
+        tweak=_gpt_oss_sinks_and_biases,
+    ),
+    # Partial RoPE (half of each head), q/k norms and biases, two groups of four experts with one
+    # kept, a shared expert, a random correction bias, the first layer dense.
+    "glm4_moe": Case(
+        "Glm4MoeConfig",
+        "Glm4MoeForCausalLM",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=1.5,
+            attention_bias=True,
+            use_qk_norm=True,
+            partial_rotary_factor=0.5,
+        ),
+        tweak=_random_correction_bias,
+    ),
+    # q/k normed over the whole projection, RoPE on half of each head, sigmoid routing with a
+    # random correction bias.
+    "minimax_m2": Case(
+        "MiniMaxM2Config",
+        "MiniMaxM2ForCausalLM",
+        dict(
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            rotary_dim=8,
+        ),
+        tweak=_random_correction_bias,
+    ),
+    # Gated DeltaNet layers (two, then one) between gated full attention; more value heads than key
+    # heads; RoPE on a quarter of each head; a shared expert with its gate; layer 1 dense.
+    "qwen3_next": Case(
+        "Qwen3NextConfig",
+        "Qwen3NextForCausalLM",
+        dict(_QWEN3_NEXT, mlp_only_layers=[1]),
+        tweak=_offset_norms,
+    ),
+    # Qwen3.5's text model: q, k, v, z, b and a projected apart.
+    "qwen3_5_moe": Case("Qwen3_5MoeTextConfig", "Qwen3_5MoeForCausalLM", dict(_QWEN3_NEXT), tweak=_offset_norms),
     "mixtral": Case(
         "MixtralConfig",
         "MixtralForCausalLM",
@@ -145,6 +283,34 @@ CASES: dict[str, Case] = {
             max_position_embeddings=1024,
         ),
         tweak=_random_correction_bias,
+    ),
+    # V2-Lite's shape: no q LoRA, softmax greedy routing (no renormalization), scaled, a dense first layer.
+    "deepseek_v2": Case(
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            _DEEPSEEK,
+            num_hidden_layers=3,
+            q_lora_rank=None,
+            topk_method="greedy",
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            routed_scaling_factor=1.3,
+        ),
+    ),
+    # q LoRA, group-limited routing over four groups of four, two kept.
+    "deepseek_v2_grouped": Case(
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(
+            _DEEPSEEK,
+            num_hidden_layers=2,
+            q_lora_rank=32,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            n_shared_experts=2,
+        ),
     ),
     "llama": Case(
         "LlamaConfig",
@@ -232,7 +398,7 @@ class RoutingRecorder:
         self.handles = [
             module.register_forward_hook(self._hook)
             for name, module in model.named_modules()
-            if name.endswith("mlp.gate") and "Router" in type(module).__name__
+            if name.endswith(("mlp.gate", "mlp.router")) and "Router" in type(module).__name__
         ]
 
     def _hook(self, module: nn.Module, inputs: Any, output: tuple[torch.Tensor, ...]) -> None:
@@ -304,3 +470,85 @@ def gguf_blocks(fmt: Format, shape: tuple[int, ...], *, seed: int = 0, scale: fl
         d = (torch.rand(blocks.shape[0], generator=g) + 0.5) * scale
         blocks[:, at : at + 2] = d.to(torch.float16).view(-1, 1).view(torch.uint8)
     return blocks.view(*shape[:-1], k // fmt.block * fmt.block_bytes)
+
+
+def _mxfp4_pair(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [.., N, K] (K a multiple of 32) -> OCP MXFP4 (blocks [.., N, K/32, 16] uint8, scales [.., N, K/32]
+    uint8): per 32 inputs the power of two that puts the largest at or under e2m1's 6, each input the
+    nearest e2m1 code, input 2j in the low nibble of byte j."""
+    values = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+    groups = w.float().unflatten(-1, (-1, 32))  # [.., N, G, 32]
+    exponent = torch.ceil(torch.log2(groups.abs().amax(-1).clamp(min=2.0**-100) / 6))  # [.., N, G]
+    codes = (groups / torch.exp2(exponent)[..., None])[..., None].sub(values).abs().argmin(-1)  # [.., N, G, 32]
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).to(torch.uint8)  # [.., N, G, 16]
+    return blocks, (exponent + 127).to(torch.uint8)
+
+
+def save_mxfp4(model: nn.Module, directory: Path, *, stacked: bool, attention: bool = True) -> Path:
+    """Write `model` as an MXFP4 checkpoint (gpt-oss's quantization_config): the experts (and q_proj
+    with `attention`) as `P_blocks` / `P_scales` pairs, the experts stacked (`experts.gate_up_proj_blocks`)
+    or one pair per expert and projection (`experts.3.gate_proj.weight_blocks`), the rest bf16.
+    gpt-oss holds its float experts transposed ([E, H, 2I]); its blocks are rows of outputs, as gpt-oss
+    publishes them."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, w in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, 2I, H] / [E, H, I]
+            if model.config.model_type == "gpt_oss":
+                w = w.transpose(1, 2)
+            if stacked:
+                tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = _mxfp4_pair(w)
+                continue
+            prefix = name.rsplit(".", 1)[0]
+            for e, we in enumerate(w):
+                parts = (("gate_proj", we[: we.shape[0] // 2]), ("up_proj", we[we.shape[0] // 2 :]))
+                for proj, part in parts if name.endswith("gate_up_proj") else (("down_proj", we),):
+                    pair = _mxfp4_pair(part)
+                    tensors[f"{prefix}.{e}.{proj}.weight_blocks"], tensors[f"{prefix}.{e}.{proj}.weight_scales"] = pair
+        elif attention and name.endswith("q_proj.weight"):
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = _mxfp4_pair(w)
+        elif not name.endswith("lm_head.weight") or not model.config.tie_word_embeddings:
+            tensors[name] = w.to(torch.bfloat16)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    config = model.config.to_dict()
+    config["torch_dtype"] = "bfloat16"
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head", "embed_tokens"]}
+    (directory / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return directory
+
+
+_PER_EXPERT = re.compile(r"(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
+
+
+def transformers_model(name: str, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """transformers' model for case `name` holding `weights` (a checkpoint's, dequantized): one tensor
+    per expert and projection are stacked as transformers holds them ([E, 2I, H] and [E, H, I])."""
+    state, experts = {}, {}
+    for key, w in weights.items():
+        match = _PER_EXPERT.fullmatch(key)
+        if match:
+            experts.setdefault(match["prefix"], {})[(int(match["e"]), match["proj"])] = w
+        else:
+            state[key] = w
+    for prefix, parts in experts.items():
+        count = 1 + max(e for e, _ in parts)
+        state[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(count)]
+        )  # [E, 2I, H]
+        state[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(count)])  # [E, H, I]
+    ref = CASES[name].build()
+    ref.load_state_dict(state)
+    return ref.eval()
+
+
+def use_portable_kernels(monkeypatch) -> None:
+    """Run the native kernels' portable build from here on, whose activations stay fp32 as the
+    reference's do. The SIMD build rounds them to int8 per group for the integer and block formats
+    (~0.5 % a product, checked against that definition in tests/engine/test_native.py): enough to
+    flip a greedy token of a random tiny model, not a bug."""
+    from engine import native
+
+    portable = native.library(scalar=True)
+    monkeypatch.setattr(native, "library", lambda scalar=False: portable)

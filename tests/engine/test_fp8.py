@@ -21,15 +21,15 @@ from engine.errors import CheckpointError
 from engine.fp8 import Fp8Experts, Fp8Linear
 from engine.info import describe
 from engine.layers import Linear
+from engine.quant_methods import LOADABLE
 from engine.quantization import QuantizedExperts, QuantizedLinear
 from kernels.formats import dequantize, quantize_int4, quantize_int8
-from tests.engine.checkpoints import CASES, VOCAB, save_fp8
+from tests.engine.checkpoints import CASES, VOCAB, save_fp8, transformers_model
 
 NEW_TOKENS = 32
 # [Bo, B]: qwen3_moe's 64 and 32 wide inputs in blocks of 24 (partial); deepseek_v3's rows of 24 in
 # blocks of 32 and inputs of 16 and 32 in blocks of 48 (one partial block wider than the side).
 BLOCKS = {"qwen3_moe": (16, 24), "deepseek_v3": (32, 48)}
-_PER_EXPERT = re.compile(r"(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
 
 
 @pytest.fixture(scope="module")
@@ -65,23 +65,8 @@ def published(path: Path) -> dict[str, torch.Tensor]:
 
 
 def reference(name: str, path: Path) -> torch.nn.Module:
-    """transformers' model for the case, holding the published weights (its experts stacked)."""
-    state, experts = {}, {}
-    for key, w in published(path).items():
-        match = _PER_EXPERT.fullmatch(key)
-        if match:
-            experts.setdefault(match["prefix"], {})[(int(match["e"]), match["proj"])] = w
-        else:
-            state[key] = w
-    for prefix, parts in experts.items():
-        count = 1 + max(e for e, _ in parts)
-        state[f"{prefix}.gate_up_proj"] = torch.stack(
-            [torch.cat([parts[(e, "gate_proj")], parts[(e, "up_proj")]]) for e in range(count)]
-        )  # [E, 2I, H]
-        state[f"{prefix}.down_proj"] = torch.stack([parts[(e, "down_proj")] for e in range(count)])  # [E, H, I]
-    ref = CASES[name].build()
-    ref.load_state_dict(state)
-    return ref.eval()
+    """transformers' model for the case, holding the published weights."""
+    return transformers_model(name, published(path))
 
 
 def _prompt(seed: int, length: int = 24) -> torch.Tensor:
@@ -185,7 +170,7 @@ def test_an_unsupported_quantization_is_named_with_what_loads(fp8_checkpoint, tm
     (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": section}))
     with pytest.raises(CheckpointError, match=re.escape(says)) as error:
         engine.load_model(tmp_path)
-    assert "Loadable: " in str(error.value) and "'fp8' with fmt 'e4m3'" in str(error.value)
+    assert "Loadable: " in str(error.value) and all(f"'{method}'" in str(error.value) for method in LOADABLE)
     assert "\n" not in str(error.value)
 
 
@@ -214,3 +199,17 @@ def test_writing_an_fp8_model_says_to_quantize_or_keep_the_source(fp8_checkpoint
     with pytest.raises(engine.EngineError, match="quantize"):
         engine.write_checkpoint(model, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_a_nan_fp8_weight_is_refused_naming_the_tensor(fp8_checkpoint, tmp_path) -> None:
+    # e4m3fn's NaN (0x7F / 0xFF) would read as 480 in the kernels: a damaged file, said so at load.
+    from safetensors.torch import load_file, save_file
+
+    src = fp8_checkpoint("qwen3_moe")
+    tensors = load_file(str(src / "model.safetensors"))
+    name = "model.layers.1.self_attn.o_proj.weight"
+    tensors[name].view(torch.uint8)[0, 3] = 0xFF
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((src / "config.json").read_text())
+    with pytest.raises(CheckpointError, match=rf"{re.escape(name)} holds 1 NaN fp8 weight"):
+        engine.load_model(tmp_path)

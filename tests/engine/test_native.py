@@ -15,12 +15,12 @@ import torch.nn.functional as F
 
 from engine import native
 from engine.errors import EngineError
-from engine.experts import reference
 from engine.qmatmul import matmul
 from kernels.formats import (
     FORMATS,
     INT4,
     INT8,
+    MXFP4,
     Q4_0,
     Q4_K,
     Q5_K,
@@ -302,7 +302,8 @@ def test_a_library_that_disagrees_is_refused_for_torch(monkeypatch, caplog) -> N
             assert native.library() is None
     finally:
         native.library.cache_clear()  # the next caller loads the library again, unpatched
-    assert "native CPU kernels refused: the ABI version is 1 in the library, 2 in engine/native.py" in caplog.text
+    version = native.ABI_VERSION - 1  # the library's: ABI_VERSION is still patched one past it
+    assert f"refused: the ABI version is {version} in the library, {version + 1} in engine/native.py" in caplog.text
 
 
 HUGE = 1 << 50  # rows whose scratch (petabytes) no allocator can give
@@ -313,7 +314,7 @@ def test_kernels_report_out_of_memory_instead_of_crashing(lib) -> None:
     block = native.BlockArgs(heads=2, kv_heads=2, head_dim=16, experts=4, topk=1, router=projs)
     no_memory = 1  # MOERAG_NO_MEMORY in native.h
     assert lib.moerag_gemv(0, HUGE, 8, 32, 32, None, None, None, None) == no_memory
-    assert lib.moerag_moe(3, HUGE, 1, 64, 32, 32, *[None] * 8) == no_memory
+    assert lib.moerag_moe(3, 3, HUGE, 1, 64, 32, 32, 32, *[None] * 8) == no_memory
     attention = lib.moerag_attention(
         HUGE, 2, 2, 16, 0, 1, None, projs, None, None, 1e-6, None, None, None, None, 1.0, None
     )
@@ -337,39 +338,79 @@ def test_the_build_key_covers_every_file_native_c_includes() -> None:
     assert len(included) >= 4 and included <= set(native.sources())  # native.c, .h, _generic.c, _simd.c
 
 
-GGUF_CASES = [(Q8_0, 32), (Q8_0, 96), (Q4_0, 64), (Q4_K, 256), (Q4_K, 512), (Q6_K, 256), (Q5_K, 512)]
+# The SIMD kernels read 32-input blocks in groups of eight, then four, then what is left: K = 320
+# is 8 + 2 blocks, 224 is 4 + 3, 288 is 8 + 1, 384 is 8 + 4.
+GGUF_CASES = [(Q8_0, 32), (Q8_0, 320), (Q4_0, 64), (Q4_0, 224), (Q4_0, 288), (Q4_K, 256), (Q4_K, 512), (Q6_K, 256),
+              (Q5_K, 512), (MXFP4, 32), (MXFP4, 384)]  # fmt: skip
 
 
-@pytest.mark.parametrize("fmt", [Q8_0, Q4_0, Q4_K, Q5_K, Q6_K], ids=lambda f: f.name)
-def test_gguf_reference_dequantize_equals_the_gguf_package(fmt: Format) -> None:
+def _blocks(fmt: Format, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Random blocks of `fmt` for weights [.., N, K]; mxfp4's e8m0 exponents in 2^-9..2^6 (every e2m1
+    code and both nibbles random), the GGUF types' from gguf_blocks."""
+    if fmt is not MXFP4:
+        return gguf_blocks(fmt, shape, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(0, 256, (*shape[:-1], shape[-1] // 32, 17), dtype=torch.uint8, generator=g)
+    blocks[..., 0] = torch.randint(118, 134, blocks.shape[:-1], dtype=torch.uint8, generator=g)
+    return blocks.flatten(-2)
+
+
+def _expected_blocks(x: torch.Tensor, blocks: torch.Tensor, fmt: Format, simd: bool) -> torch.Tensor:
+    """x [M, K] @ W^T as the block kernels define it: the SIMD build rounds x to int8 per 32 inputs
+    (llama.cpp's Q8_0; the offsets of q4_0, mxfp4 and the K-quants take the rounded sums too, so the
+    kernel computes exactly this product), the portable one keeps it fp32. Against exact activations
+    the SIMD product is off by ~0.5 % (measured: 3e-3..8e-3 of the largest output on random blocks)."""
+    return (_round_chunks(x, 127) if simd else x) @ dequantize_reference(blocks, None, fmt=fmt).T
+
+
+@pytest.mark.parametrize("fmt", [Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, MXFP4], ids=lambda f: f.name)
+def test_block_reference_dequantize_equals_the_gguf_package(fmt: Format) -> None:
     # gguf.quants is ggml's own formulas in numpy: an independent reading of the same bytes.
     gguf = pytest.importorskip("gguf")
-    blocks = gguf_blocks(fmt, (5, 512), seed=fmt.code)
+    blocks = _blocks(fmt, (5, 512), seed=fmt.code)
     want = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[fmt.name.upper()])
     assert torch.equal(dequantize_reference(blocks, None, fmt=fmt), torch.from_numpy(want))
 
 
 @pytest.mark.parametrize("fmt,k", GGUF_CASES, ids=lambda v: getattr(v, "name", v))
-def test_gguf_dequantize_is_exact(lib, fmt: Format, k: int) -> None:
-    blocks = gguf_blocks(fmt, (19, k), seed=k)
+def test_block_dequantize_is_exact(lib, fmt: Format, k: int) -> None:
+    blocks = _blocks(fmt, (19, k), seed=k)
     assert torch.equal(native.dequantize(blocks, fmt=fmt, lib=lib), dequantize_reference(blocks, None, fmt=fmt))
 
 
 @pytest.mark.parametrize("fmt,k", GGUF_CASES, ids=lambda v: getattr(v, "name", v))
 @pytest.mark.parametrize("m", [1, 3, 16])
-def test_gguf_gemv_equals_the_dequantized_product(lib, fmt: Format, k: int, m: int) -> None:
-    # GGUF activations stay fp32 in both builds: only the summation order differs from the reference.
-    blocks = gguf_blocks(fmt, (45, k), seed=k + m)
+def test_block_gemv_equals_the_dequantized_product(lib, fmt: Format, k: int, m: int) -> None:
+    blocks = _blocks(fmt, (45, k), seed=k + m)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-    _close(native.gemv(x, blocks, fmt=fmt, lib=lib), x @ dequantize_reference(blocks, None, fmt=fmt).T)
+    _close(native.gemv(x, blocks, fmt=fmt, lib=lib), _expected_blocks(x, blocks, fmt, bool(lib.moerag_simd())))
 
 
-@pytest.mark.parametrize("fmt", [Q8_0, Q4_K], ids=lambda f: f.name)
-def test_gguf_moe_equals_the_reference(lib, fmt: Format) -> None:
+def test_mxfp4_scales_down_to_fp32_subnormals(lib) -> None:
+    # e = 0 and 1 scale by 2^-127 (an fp32 subnormal) and 2^-126; the SIMD kernel builds its halved
+    # scale 2^(e - 128) apart for them. Products that small keep ~16 bits (subnormal), hence 1e-3.
+    blocks = _blocks(MXFP4, (3, 64), seed=7).view(3, 2, 17)
+    blocks[0, :, 0], blocks[1, :, 0], blocks[2, :, 0] = 0, 1, 200
+    blocks = blocks.flatten(-2)
+    assert torch.equal(native.dequantize(blocks, fmt=MXFP4, lib=lib), dequantize_reference(blocks, None, fmt=MXFP4))
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(0))
+    got, want = native.gemv(x, blocks, fmt=MXFP4, lib=lib), _expected_blocks(x, blocks, MXFP4, bool(lib.moerag_simd()))
+    assert torch.allclose(got, want, rtol=1e-3, atol=0), (got, want)  # each row on its own scale
+
+
+@pytest.mark.parametrize(
+    "fmt,down", [(Q8_0, Q8_0), (Q4_K, Q4_K), (MXFP4, MXFP4), (Q4_K, Q6_K), (Q4_K, Q4_0)], ids=lambda f: f.name
+)
+def test_block_moe_equals_the_reference(lib, fmt: Format, down: Format) -> None:
+    # Down may be in another type than gate and up, as Q4_K_M files store it (Q6_K), with another block.
     experts, hidden, width = 8, 256, 256
-    w13, w2 = gguf_blocks(fmt, (experts, 2 * width, hidden), seed=1), gguf_blocks(fmt, (experts, hidden, width), seed=2)
+    w13, w2 = _blocks(fmt, (experts, 2 * width, hidden), seed=1), _blocks(down, (experts, hidden, width), seed=2)
     ids = torch.tensor([[0, 5], [5, 0], [2, 7], [7, 7]])
     x, weights = torch.randn(ids.shape[0], hidden), torch.rand(ids.shape)
-    got = native.moe(x, w13, w2, weights, ids, fmt=fmt, lib=lib)
-    w13_float, w2_float = (dequantize_reference(w, None, fmt=fmt) for w in (w13, w2))  # [E, 2I, H], [E, H, I]
-    _close(got, reference(x, w13_float, w2_float, weights, ids))
+    got = native.moe(x, w13, w2, weights, ids, fmt=fmt, w2_format=down, lib=lib)
+    simd, want = bool(lib.moerag_simd()), torch.zeros_like(x)
+    for t, k in torch.cartesian_prod(torch.arange(ids.shape[0]), torch.arange(ids.shape[1])).tolist():
+        e = int(ids[t, k])
+        gate, up = _expected_blocks(x[t : t + 1], w13[e], fmt, simd).chunk(2, dim=-1)
+        want[t] += weights[t, k] * _expected_blocks(F.silu(gate) * up, w2[e], down, simd)[0]
+    _close(got, want)

@@ -80,7 +80,7 @@ def test_deepseek_dense_first_layers_and_shared_experts(tiny_checkpoint) -> None
     _, path = tiny_checkpoint("deepseek_v3")
     model = engine.load_model(path)
     kinds = [type(block.mlp).__name__ for block in model.net.model.layers]
-    assert kinds == ["MLP", "MLP", "DeepseekMoe", "DeepseekMoe"]
+    assert kinds == ["MLP", "MLP", "RoutedMoe", "RoutedMoe"]
     assert model.net.model.layers[2].mlp.shared_experts is not None
 
 

@@ -8,8 +8,8 @@ import torch
 import engine
 from engine.qmatmul import matmul
 from engine.quantization import QuantizedExperts, QuantizedLinear
+from kernels.formats import MXFP4, Q4_K, quantize, quantize_int4, quantize_int8
 from kernels.formats import dequantize as dequantize_reference
-from kernels.formats import quantize_int4, quantize_int8
 
 PROMPT = list(range(3, 300, 11))
 
@@ -97,9 +97,13 @@ def _int4_twin(path, quantized: engine.Model, group: int) -> engine.Model:
     modules = dict(twin.net.named_modules())
     for name, module in quantized.net.named_modules():
         if isinstance(module, (QuantizedLinear, QuantizedExperts)):
-            for stacked in (modules[name].weight,) if isinstance(module, QuantizedLinear) else (
-                modules[name].gate_up_proj,
-                modules[name].down_proj,
+            for stacked in (
+                (modules[name].weight,)
+                if isinstance(module, QuantizedLinear)
+                else (
+                    modules[name].gate_up_proj,
+                    modules[name].down_proj,
+                )
             ):
                 stacked.copy_(dequantize_reference(*quantize_int4(stacked, group)))
     return twin
@@ -142,3 +146,26 @@ def test_converting_a_quantized_model_keeps_its_stored_weights(tiny_checkpoint, 
     # The same quantized weights loaded with bf16 float parts: exactly the converted model.
     direct = engine.load_model(tmp_path / "q", dtype=torch.bfloat16)
     assert torch.equal(model.logits(PROMPT), direct.logits(PROMPT))
+
+
+def test_mxfp4_quantizer_makes_the_bytes_gguf_makes() -> None:
+    # The gguf package's MXFP4 quantizer is an independent implementation of the same OCP rule.
+    gguf = pytest.importorskip("gguf")
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 0.05
+    w[0, :32] = 0  # an all-zero block
+    ours = quantize(w, MXFP4)[0]
+    assert torch.equal(ours, torch.from_numpy(gguf.quants.quantize(w.numpy(), gguf.GGMLQuantizationType.MXFP4)))
+
+
+def test_q4_k_quantizer_writes_blocks_gguf_reads_back_near_the_weights() -> None:
+    gguf = pytest.importorskip("gguf")
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 0.05
+    blocks = quantize(w, Q4_K)[0]
+    assert blocks.shape == (64, 2 * 144) and blocks.dtype == torch.uint8
+    back = torch.from_numpy(gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType.Q4_K))
+    assert torch.equal(back, dequantize_reference(blocks, None, fmt=Q4_K))  # gguf reads our layout as we do
+    # Each sub-block of 32 spans its range in 15 steps: an error within one step (half a step of
+    # rounding, plus the 6-bit rounding of its step and offset) of the sub-block's range / 15.
+    sub, err = w.view(-1, 32), (back - w).view(-1, 32)
+    step = (sub.amax(-1) - sub.amin(-1).clamp(max=0)) / 15
+    assert (err.abs().amax(-1) <= step).all()

@@ -1,13 +1,16 @@
-"""Text in, text out: tokenizer loading, chat templates, streaming detokenization, <think> splitting."""
+"""Text in, text out: tokenizer loading, chat templates, streaming detokenization, reasoning splitting."""
 
 from __future__ import annotations
 
 import random
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
 
 import engine
-from engine.reasoning import Piece, split_reasoning
+from engine.reasoning import HarmonySplitter, Piece, ReasoningSplitter, reply_splitter, split_reasoning
 from engine.tokenizer import Detokenizer
 
 MESSAGES = [{"role": "user", "content": "héllo wörld 世界 🙂"}]
@@ -108,3 +111,78 @@ def test_stream_stops_before_a_stop_string(chat_checkpoint) -> None:
     assert done.text == cut
     assert len(done.token_ids) < len(full.token_ids)  # decoding ended at the stop string
     assert done.token_ids == full.token_ids[: len(done.token_ids)]
+
+
+_HARMONY = (
+    "<|channel|>analysis<|message|>User asks about [1]; check <|end|> handling.<|end|>"
+    "<|start|>assistant<|channel|>commentary to=functions.search <|constrain|>json<|message|>{\"q\": 1}<|call|>"
+    "<|start|>assistant<|channel|>final<|message|>\n The answer is 42 [1].<|return|>"
+)
+
+
+def _harmony(deltas: list[str]) -> dict[str, str]:
+    splitter = HarmonySplitter()
+    pieces = [p for d in deltas for p in splitter.feed(d)] + splitter.close()
+    return _join(pieces)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_harmony_channels_split_under_any_chunking(seed: int) -> None:
+    # gpt-oss: analysis is the reasoning, final the answer, a tool call's commentary is not shown;
+    # markers (special tokens, decoded as text) may be cut anywhere between deltas.
+    rng = random.Random(seed)
+    cuts = sorted(rng.sample(range(1, len(_HARMONY)), 20))
+    deltas = [_HARMONY[a:b] for a, b in zip([0, *cuts], [*cuts, len(_HARMONY)], strict=True)]
+    assert _harmony(deltas) == {"reasoning": "User asks about [1]; check ", "answer": "The answer is 42 [1]."}
+
+
+def test_harmony_cut_off_mid_message_keeps_what_came() -> None:
+    # max_tokens reached inside the analysis: what was reasoned so far is kept, no answer invented.
+    assert _harmony(["<|channel|>analysis<|mess", "age|>Still thinking"]) == {
+        "reasoning": "Still thinking",
+        "answer": "",
+    }
+    assert _harmony(["Plain text with no channels."]) == {"reasoning": "", "answer": "Plain text with no channels."}
+
+
+def test_the_splitter_follows_the_tokenizer(chat_checkpoint) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(chat_checkpoint))
+    assert isinstance(reply_splitter(tokenizer, "hi <think>"), ReasoningSplitter)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|channel|>", "<|message|>", "<|end|>"]})
+    assert isinstance(reply_splitter(tokenizer, "hi"), HarmonySplitter)
+
+
+_HARMONY_TEMPLATE = (
+    "<|start|>system<|message|>Reasoning: {{ reasoning_effort | default('medium') }}<|end|>"
+    "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant{% endif %}"
+)
+
+
+def test_a_harmony_model_takes_reasoning_effort_and_streams_its_markers(chat_checkpoint, tmp_path) -> None:
+    # A gpt-oss-style tokenizer (harmony special tokens, reasoning_effort in the template): the
+    # switch reaches the template, and streamed text keeps the channel markers the splitter reads.
+    from transformers import AutoTokenizer
+
+    directory = Path(shutil.copytree(chat_checkpoint, tmp_path / "harmony"))
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    markers = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": markers})
+    tokenizer.chat_template = _HARMONY_TEMPLATE
+    tokenizer.save_pretrained(str(directory))
+    model = engine.load_model(directory)
+    messages = [{"role": "user", "content": "hi"}]
+    assert "Reasoning: high" in model.tokenizer.decode(model.prompt_ids(messages, reasoning_effort="high"))
+    assert "Reasoning: medium" in model.tokenizer.decode(model.prompt_ids(messages))
+    # The tiny model's weights are random: swap two rows of the head so that its first greedy token
+    # becomes the channel marker.
+    channel = model.tokenizer.convert_tokens_to_ids("<|channel|>")
+    first = model.generate(model.prompt_ids(messages), max_new_tokens=1, eos_token_ids=())[0]
+    with torch.no_grad():
+        head = model.net.lm_head.weight
+        head[[first, channel]] = head[[channel, first]]
+    model.net.weights_changed()
+    text = "".join(model.stream(messages, max_new_tokens=3, eos_token_ids=()))
+    assert text.startswith("<|channel|>")
