@@ -51,6 +51,7 @@ class Request:
     sources: list[Any]  # answers.Source, numbered from 1
     max_tokens: int = 2048
     temperature: float = 0.6
+    reasoning_effort: str | None = None  # gpt-oss's switch (low, medium, high); None: the model's default
     cancel: threading.Event = field(default_factory=threading.Event)  # set: stop after the current step
 
 
@@ -304,12 +305,14 @@ class EngineGenerator:
         return len(self.model.prompt_ids(messages))
 
     def condense(self, history: Sequence[dict[str, str]], question: str, *, cancel: threading.Event | None = None) -> str:
-        steps = self._run(_condense_messages(history, question), 64, 0.0, thinking=False, cancel=cancel or threading.Event())
+        steps = self._run(_condense_messages(history, question), 64, 0.0, thinking=False, effort="low",
+                          cancel=cancel or threading.Event())
         text = "".join(d.text for d in steps)
         return _clean_condensed(text, question)
 
     def stream(self, request: Request) -> Iterator[Delta]:
-        yield from self._run(request.messages, request.max_tokens, request.temperature, thinking=None, cancel=request.cancel)
+        yield from self._run(request.messages, request.max_tokens, request.temperature, thinking=None,
+                             effort=request.reasoning_effort, cancel=request.cancel)
 
     def _acquire(self, cancel: threading.Event) -> bool:
         """Wait for the engine behind other answers; False when cancelled while waiting, so a
@@ -326,10 +329,10 @@ class EngineGenerator:
         return True
 
     def _run(self, messages: list[dict[str, str]], max_tokens: int, temperature: float, *, thinking: bool | None,
-             cancel: threading.Event) -> Iterator[Delta]:
+             effort: str | None, cancel: threading.Event) -> Iterator[Delta]:
         from engine import SamplingParams
         from engine.errors import EngineError
-        from engine.reasoning import ReasoningSplitter
+        from engine.reasoning import reply_splitter
 
         model = self.model
         if not self._acquire(cancel):
@@ -337,8 +340,8 @@ class EngineGenerator:
         # try/finally rather than `with`: the lock must be released when this generator is closed
         # or abandoned mid-answer, and the token loop closed with it (its KV cache freed).
         try:
-            ids = model.prompt_ids(messages, enable_thinking=thinking)
-            splitter = ReasoningSplitter.after(model.tokenizer.decode(ids))
+            ids = model.prompt_ids(messages, enable_thinking=thinking, reasoning_effort=effort)
+            splitter = reply_splitter(model.tokenizer, model.tokenizer.decode(ids))
             steps = model.stream_tokens(ids, SamplingParams(temperature=temperature, max_new_tokens=max_tokens))
             try:
                 for _, delta in steps:  # one item per decode step
@@ -395,7 +398,8 @@ class OpenAIGenerator:
 
     def condense(self, history: Sequence[dict[str, str]], question: str, *, cancel: threading.Event | None = None) -> str:
         try:
-            steps = self._run(_condense_messages(history, question), 64, 0.0, cancel=cancel or threading.Event())
+            steps = self._run(_condense_messages(history, question), 64, 0.0, effort=None,  # a server may refuse it
+                              cancel=cancel or threading.Event())
             text = "".join(d.text for d in steps if d.kind == "answer")
         except GeneratorError as exc:
             log.warning("condensing the follow-up question failed (%s); using a rule instead", exc)
@@ -403,9 +407,10 @@ class OpenAIGenerator:
         return _clean_condensed(text, question)
 
     def stream(self, request: Request) -> Iterator[Delta]:
-        yield from self._run(request.messages, request.max_tokens, request.temperature, cancel=request.cancel)
+        yield from self._run(request.messages, request.max_tokens, request.temperature,
+                             effort=request.reasoning_effort, cancel=request.cancel)
 
-    def _run(self, messages: list[dict[str, str]], max_tokens: int, temperature: float, *,
+    def _run(self, messages: list[dict[str, str]], max_tokens: int, temperature: float, *, effort: str | None,
              cancel: threading.Event) -> Iterator[Delta]:
         import openai
 
@@ -415,7 +420,8 @@ class OpenAIGenerator:
         stream = None
         try:
             stream = self.client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True
+                model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature, stream=True,
+                **({"reasoning_effort": effort} if effort else {}),  # gpt-oss on vLLM / SGLang / Ollama
             )
             splitter = ReasoningSplitter()
             for chunk in stream:  # one item per upstream chunk

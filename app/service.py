@@ -47,6 +47,7 @@ class _Turn:
     mode: str  # hybrid | dense | bm25
     answer_tokens: int
     temperature: float
+    reasoning_effort: str | None  # gpt-oss's (low, medium, high); None: the model's default
     web: bool
     cancel: threading.Event
     conversation_id: int | None
@@ -187,6 +188,7 @@ class AnswerService:
         mode: str | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
+        reasoning_effort: str | None = None,
         web: bool = False,
         cancel: threading.Event | None = None,
     ) -> Iterator[Event]:
@@ -195,7 +197,8 @@ class AnswerService:
         history: earlier turns as chat messages ({"role", "content"}), oldest first. With
         `conversation_id` the history is read from that stored conversation, and the question
         and its answer are appended to it. `temperature` and `max_tokens` override the settings
-        for this answer. `web` adds live web results, ranked together with the knowledge base's;
+        for this answer; `reasoning_effort` asks a model that has the switch (gpt-oss) to reason less
+        or more. `web` adds live web results, ranked together with the knowledge base's;
         when the web is unavailable the answer goes on from the knowledge base, with a warning.
 
         Stopping: once `cancel` is set (a client that left, Ctrl-C) the generator stops after its
@@ -214,6 +217,7 @@ class AnswerService:
             mode=mode,
             temperature=temperature,
             max_tokens=max_tokens,
+            reasoning_effort=reasoning_effort,
             web=web,
             cancel=cancel,
         )
@@ -234,6 +238,7 @@ class AnswerService:
         mode: str | None,
         temperature: float | None,
         max_tokens: int | None,
+        reasoning_effort: str | None,
         web: bool,
         cancel: threading.Event | None,
     ) -> _Turn:
@@ -256,6 +261,7 @@ class AnswerService:
             mode=mode or s.search_mode,
             answer_tokens=max_tokens or s.answer_tokens,
             temperature=s.temperature if temperature is None else temperature,
+            reasoning_effort=reasoning_effort,
             web=web,
             cancel=threading.Event() if cancel is None else cancel,
             conversation_id=conversation_id,
@@ -354,6 +360,7 @@ class AnswerService:
             sources=fitted.sources,
             max_tokens=min(turn.answer_tokens, gen.context_window - fitted.prompt_tokens),
             temperature=turn.temperature,
+            reasoning_effort=turn.reasoning_effort,
             cancel=turn.cancel,
         )
         cite = CitationFilter(len(fitted.sources))

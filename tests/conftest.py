@@ -69,8 +69,9 @@ class CliResult:
 def cli(capsys, home, monkeypatch):
     """Run `moerag ARGS...` in this process (the model stays loaded); --home points at a temp dir."""
     from app import cli as cli_module
+    from app.cli.common import out
 
-    monkeypatch.setattr(cli_module.out, "width", 200, raising=False)
+    monkeypatch.setattr(out, "width", 200, raising=False)
 
     def run(*args: str, with_home: bool = True) -> CliResult:
         argv = ["moerag", *args] + (["--home", str(home)] if with_home else [])

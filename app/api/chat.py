@@ -64,8 +64,8 @@ def chat_completions(req: ChatRequest, key: Key, svc: Service, caps: Caps, metri
     history = [{"role": m.role, "content": m.text()} for m in turns[:-1]]
     cancel = threading.Event()  # set when the client goes away: the answer stops within a step
     events = public_sources(svc.stream(turns[-1].text(), history=history, collections=names, k=opts.k, mode=opts.mode,
-                                       temperature=req.temperature, max_tokens=req.max_tokens, web=opts.web,
-                                       cancel=cancel), svc.kb.home)
+                                       temperature=req.temperature, max_tokens=req.max_tokens,
+                                       reasoning_effort=req.reasoning_effort, web=opts.web, cancel=cancel), svc.kb.home)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     if req.stream:
         return CancellableStream(sse(events, ident, created, req.model, metrics), cancel, media_type="text/event-stream",

@@ -53,6 +53,8 @@ class ChatRequest(BaseModel):
     stream: bool = False
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, le=131072, description="At most MOERAG_API_MAX_TOKENS.")
+    reasoning_effort: Literal["low", "medium", "high"] | None = Field(None, description=(
+        "How much a model with the switch (gpt-oss) reasons before answering; others ignore it."))
     moerag: MoeragOptions | None = None
 
 

@@ -114,3 +114,18 @@ def test_messy_real_pdfs_ingest_without_a_crash(cli, shared_eval):
     by_name = {Path(d["source"]).name: d for d in docs}
     assert "encrypted" in by_name["libreoffice-writer-password.pdf"]["error"]
     assert sum(d["status"] == "ok" for d in docs) >= 20
+
+
+@pytest.mark.parametrize(
+    "args,says",
+    [
+        (("search", "-k", "x", "q"), "Invalid value for '-k'"),
+        (("nosuch",), "No such command 'nosuch'"),
+        (("docs", "show"), "Missing argument"),
+    ],
+)
+def test_usage_errors_say_what_is_wrong_and_exit_2(cli, args, says: str) -> None:
+    # Typer raises its own copy of click's usage errors: they must read as usage, not as a crash.
+    result = cli(*args)
+    assert result.code == 2
+    assert says in result.stderr and "Traceback" not in result.stderr + result.stdout

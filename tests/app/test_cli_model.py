@@ -36,6 +36,18 @@ def test_model_info_describes_the_checkpoint(cli, checkpoint: Path) -> None:
     assert (info["layers"], info["moe_layers"], info["quantization"]) == (2, 2, None)
 
 
+def test_model_info_without_a_checkpoint_lists_what_loads(cli, tmp_path: Path) -> None:
+    listing = json.loads(cli("model", "info", "--json", with_home=False).stdout)
+    for model_type in ("qwen3_moe", "gpt_oss", "qwen3_next", "glm4_moe", "deepseek_v2", "minimax_m2", "olmoe"):
+        assert model_type in listing["architectures"]
+    assert {"fp8", "mxfp4", "gptq", "awq"} <= set(listing["quant_methods"])
+    # An unsupported model_type is refused naming it, with the same list.
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "no_such_moe"}))
+    r = cli("model", "info", str(tmp_path), with_home=False)
+    assert r.code == 1 and "no_such_moe" in r.stderr
+    assert all(name in " ".join(r.stderr.split()) for name in listing["architectures"])
+
+
 def test_model_quantize_writes_a_checkpoint_that_loads_directly(cli, checkpoint: Path, tmp_path: Path) -> None:
     dst = tmp_path / "int4"
     r = cli("model", "quantize", str(checkpoint), str(dst), "--scheme", "int4", "--group-size", "32", with_home=False)

@@ -348,7 +348,7 @@ def test_ctrl_c_in_chat_stops_the_answer_and_the_chat_goes_on(served_home, upstr
 
 def test_ctrl_c_in_ask_stops_within_a_step_and_exits_130(cli, home, embedder, monkeypatch, tmp_path):
     """In-process: the generator itself presses Ctrl-C (SIGINT to this process, in the main thread)."""
-    from app import cli as cli_module
+    from app.cli import chat as cli_chat
     from app.generators import Delta
     from app.history import Conversations
     from app.service import AnswerService
@@ -386,7 +386,9 @@ def test_ctrl_c_in_ask_stops_within_a_step_and_exits_130(cli, home, embedder, mo
     ingest_paths(kb, embedder, [tmp_path / "tea.md"], collection="default")
     conv = Conversations(kb.store).create()
     typist = Typist()
-    monkeypatch.setattr(cli_module, "_service", lambda s: AnswerService(s, kb=kb, embedder=embedder, generator=typist))
+    monkeypatch.setattr(
+        cli_chat, "answer_service", lambda s: AnswerService(s, kb=kb, embedder=embedder, generator=typist)
+    )
 
     result = cli("ask", "How hot for green tea?", "--conversation", str(conv.id))
     assert result.code == 130 and "stopped" in result.stderr and "Interrupted" not in result.stderr, result

@@ -292,6 +292,15 @@ def test_openai_compatible_server_streams_reasoning_and_checked_citations(corpus
     assert sent["body"]["messages"][0]["role"] == "system" and "[n]" in sent["body"]["messages"][0]["content"]
 
 
+def test_reasoning_effort_reaches_the_server_only_when_asked(corpus, embedder, chat_server):
+    # gpt-oss behind vLLM / SGLang / Ollama takes OpenAI's reasoning_effort; other servers never see it.
+    service = make_service(corpus, embedder, openai_base_url=chat_server, openai_model="tiny-r1")
+    list(service.stream("At what temperature should green tea be steeped?", k=3))
+    assert "reasoning_effort" not in _ChatServer.requests[-1]["body"]
+    list(service.stream("At what temperature should green tea be steeped?", k=3, reasoning_effort="high"))
+    assert _ChatServer.requests[-1]["body"]["reasoning_effort"] == "high"
+
+
 def test_openai_server_errors_are_clear(corpus, embedder, chat_server):
     wrong_model = make_service(corpus, embedder, openai_base_url=chat_server, openai_model="nope")
     with pytest.raises(GeneratorError, match="does not serve model 'nope'"):
