@@ -552,3 +552,14 @@ def use_portable_kernels(monkeypatch) -> None:
 
     portable = native.library(scalar=True)
     monkeypatch.setattr(native, "library", lambda scalar=False: portable)
+
+
+def assert_matches_transformers(model: Any, ref: nn.Module, tokens: torch.Tensor, label: str = "") -> None:
+    """fp32 logits within 1e-4 of the largest of transformers' on the same weights, for every row of
+    tokens [B, T] (the math in another order), and the same 32 greedy tokens after the first row."""
+    with torch.no_grad():
+        expected = ref(tokens).logits  # [B, T, V]
+        want = ref.generate(tokens[:1], max_new_tokens=32, do_sample=False)[0, tokens.shape[1] :]
+    rel = (model.logits(tokens) - expected).abs().max() / expected.abs().max()
+    assert rel < 1e-4, f"{label}: relative logits error {rel:.2e}"
+    assert model.generate(tokens[0], max_new_tokens=32, eos_token_ids=()) == want.tolist()

@@ -24,7 +24,7 @@ from engine.layers import Linear
 from engine.quant_methods import LOADABLE
 from engine.quantization import QuantizedExperts, QuantizedLinear
 from kernels.formats import dequantize, quantize_int4, quantize_int8
-from tests.engine.checkpoints import CASES, VOCAB, save_fp8, transformers_model
+from tests.engine.checkpoints import CASES, VOCAB, assert_matches_transformers, save_fp8, transformers_model
 
 NEW_TOKENS = 32
 # [Bo, B]: qwen3_moe's 64 and 32 wide inputs in blocks of 24 (partial); deepseek_v3's rows of 24 in
@@ -104,14 +104,7 @@ def test_weights_stay_fp8_and_dequantize_to_the_published_formula(fp8_checkpoint
 def test_logits_and_greedy_tokens_match_transformers_on_the_dequantized_weights(fp8_checkpoint, name: str) -> None:
     path = fp8_checkpoint(name)
     ref, model = reference(name, path), engine.load_model(path)
-    tokens = torch.stack([_prompt(1), _prompt(2)])
-    with torch.no_grad():
-        expected = ref(tokens).logits  # [B, T, V]
-        expected_tokens = ref.generate(tokens[:1], max_new_tokens=NEW_TOKENS, do_sample=False)[0, tokens.shape[1] :]
-    got = model.logits(tokens)
-    rel = (got - expected).abs().max() / expected.abs().max()
-    assert rel < 1e-4, f"{name}: relative logits error {rel:.2e}"
-    assert model.generate(tokens[0], max_new_tokens=NEW_TOKENS) == expected_tokens.tolist()
+    assert_matches_transformers(model, ref, torch.stack([_prompt(1), _prompt(2)]), name)
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])

@@ -32,6 +32,7 @@ from tests.engine.checkpoints import (
     INIT,
     VOCAB,
     add_tokenizer,
+    assert_matches_transformers,
     gguf_blocks,
     save,
     use_portable_kernels,
@@ -259,17 +260,7 @@ def test_tensors_equal_the_source(files, name: str, ftype: str) -> None:
 @pytest.mark.parametrize("name", MODELS)
 def test_logits_and_greedy_tokens_match_transformers(files, name: str) -> None:
     ref, _, path = files(name)
-    _matches_transformers(engine.load_model(path), ref, _prompt(1), name)
-
-
-def _matches_transformers(model: engine.Model, ref: torch.nn.Module, tokens: torch.Tensor, label: str) -> None:
-    """fp32 logits within 1e-4 (relative) of transformers' on the same weights, and the same greedy tokens."""
-    with torch.no_grad():
-        expected = ref(tokens[None]).logits[0]  # [T, V]
-        want = ref.generate(tokens[None], max_new_tokens=NEW_TOKENS, do_sample=False)[0, tokens.numel() :]
-    rel = (model.logits(tokens) - expected).abs().max() / expected.abs().max()
-    assert rel < 1e-4, f"{label}: relative logits error {rel:.2e}"
-    assert model.generate(tokens, max_new_tokens=NEW_TOKENS, eos_token_ids=()) == want.tolist()
+    assert_matches_transformers(engine.load_model(path), ref, _prompt(1)[None], name)
 
 
 # transformers' own GGUF reader, where it maps this file's metadata fully (its qwen3 ignores
@@ -431,7 +422,7 @@ def test_block_types_stay_quantized_and_match_transformers(files, tmp_path, monk
     assert model.net.model.embed_tokens.weight.dtype == torch.float32  # widened: an embedding is a lookup
     info = describe(path)  # `moerag model info`: the block type and its bits (router and norms in F32 add some)
     assert qtype in info.weight_format and fmt.block_bytes * 8 / fmt.block <= info.bits_per_weight < 9
-    _matches_transformers(model, ref, tokens, qtype)
+    assert_matches_transformers(model, ref, tokens[None], qtype)
     # The SIMD build's activations rounded to int8: ~0.5 % per product (test_native.py), 9 products
     # deep here (per block q/k/v, o, gate/up, down; then the head), measured up to 1.3e-2 of the
     # largest logit. Per position, as in test_quantize.py: a near-tied expert route may flip.

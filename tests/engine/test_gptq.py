@@ -32,7 +32,7 @@ from engine.info import describe
 from engine.quantization import QuantizedExperts, QuantizedLinear, quantize
 from kernels.formats import INT4ZP, pack_int4, quantize_int4
 from kernels.formats import dequantize as dequantize_reference
-from tests.engine.checkpoints import INIT, VOCAB, use_portable_kernels
+from tests.engine.checkpoints import INIT, VOCAB, assert_matches_transformers, use_portable_kernels
 from tests.engine.test_native import _close, _round_chunks
 
 NEW_TOKENS = 32
@@ -308,14 +308,7 @@ def test_logits_and_greedy_tokens_match_transformers_on_the_dequantized_weights(
     use_portable_kernels(monkeypatch)  # transformers' arithmetic (fp32 activations)
     path = int4_checkpoint(model_name, scheme)
     ref, model = reference(model_name, published(path, SCHEMES[scheme])), engine.load_model(path)
-    tokens = torch.stack([_prompt(1), _prompt(2)])
-    with torch.no_grad():
-        expected = ref(tokens).logits  # [B, T, V]
-        expected_tokens = ref.generate(tokens[:1], max_new_tokens=NEW_TOKENS, do_sample=False)[0, tokens.shape[1] :]
-    got = model.logits(tokens)
-    rel = (got - expected).abs().max() / expected.abs().max()
-    assert rel < 1e-4, f"{scheme}: relative logits error {rel:.2e}"
-    assert model.generate(tokens[0], max_new_tokens=NEW_TOKENS) == expected_tokens.tolist()
+    assert_matches_transformers(model, ref, torch.stack([_prompt(1), _prompt(2)]), scheme)
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,15 @@ from engine.errors import CheckpointError, TensorShapeError
 from engine.ggml_quants import GGUFExperts, GGUFLinear
 from engine.info import describe
 from kernels.formats import MXFP4, dequantize
-from tests.engine.checkpoints import CASES, VOCAB, save_mxfp4, transformers_model, use_portable_kernels
+from tests.engine.checkpoints import (
+    CASES,
+    VOCAB,
+    assert_matches_transformers,
+    save_mxfp4,
+    transformers_model,
+    use_portable_kernels,
+)
 
-NEW_TOKENS = 32
 # The OCP microscaling spec's e2m1 values, by code (sign bit 3, then 2 exponent and 1 mantissa bits).
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
@@ -101,14 +107,7 @@ def test_logits_and_greedy_tokens_match_transformers(
     path = mxfp4_checkpoint(stacked)
     ref = transformers_model("qwen3_moe", published(path))
     model = engine.load_model(path, experts_backend=backend)
-    tokens = torch.stack([_prompt(1), _prompt(2)])
-    with torch.no_grad():
-        expected = ref(tokens).logits  # [B, T, V]
-        expected_tokens = ref.generate(tokens[:1], max_new_tokens=NEW_TOKENS, do_sample=False)[0, tokens.shape[1] :]
-    got = model.logits(tokens)
-    rel = (got - expected).abs().max() / expected.abs().max()
-    assert rel < 1e-4, f"relative logits error {rel:.2e}"
-    assert model.generate(tokens[0], max_new_tokens=NEW_TOKENS) == expected_tokens.tolist()
+    assert_matches_transformers(model, ref, torch.stack([_prompt(1), _prompt(2)]), "mxfp4")
 
 
 def test_requantizing_while_loading(mxfp4_checkpoint) -> None:
@@ -205,11 +204,4 @@ def test_gpt_oss_as_published_matches_transformers_own_mxfp4_loading(tmp_path, m
     ).eval()
     model = engine.load_model(path)
     assert all(isinstance(block.mlp.experts, GGUFExperts) for block in model.net.model.layers)
-    tokens = torch.stack([_prompt(1), _prompt(2)])
-    with torch.no_grad():
-        expected = ref(tokens).logits  # [B, T, V]
-        expected_tokens = ref.generate(tokens[:1], max_new_tokens=NEW_TOKENS, do_sample=False)[0, tokens.shape[1] :]
-    got = model.logits(tokens)
-    rel = (got - expected).abs().max() / expected.abs().max()
-    assert rel < 1e-4, f"relative logits error {rel:.2e}"
-    assert model.generate(tokens[0], max_new_tokens=NEW_TOKENS) == expected_tokens.tolist()
+    assert_matches_transformers(model, ref, torch.stack([_prompt(1), _prompt(2)]), "gpt-oss mxfp4")

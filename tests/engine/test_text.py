@@ -115,7 +115,7 @@ def test_stream_stops_before_a_stop_string(chat_checkpoint) -> None:
 
 _HARMONY = (
     "<|channel|>analysis<|message|>User asks about [1]; check <|end|> handling.<|end|>"
-    "<|start|>assistant<|channel|>commentary to=functions.search <|constrain|>json<|message|>{\"q\": 1}<|call|>"
+    '<|start|>assistant<|channel|>commentary to=functions.search <|constrain|>json<|message|>{"q": 1}<|call|>'
     "<|start|>assistant<|channel|>final<|message|>\n The answer is 42 [1].<|return|>"
 )
 
