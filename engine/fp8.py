@@ -20,7 +20,7 @@ from torch import nn
 
 from engine.errors import CheckpointError
 from engine.experts import EXPERT_BACKENDS
-from engine.layers import StoredWeights, linear
+from engine.layers import StoredWeights, child, linear, swap
 from engine.moe import Experts
 from engine.qmatmul import linear as qlinear
 from engine.quant_methods import quant_method, refusal
@@ -165,16 +165,11 @@ def make_fp8(net: nn.Module, scaled: list[str], block: int) -> int:
         targets.add(path)
     swaps = 0
     for path in sorted(targets):
-        parent_name, _, child_name = path.rpartition(".")
-        try:
-            parent = net.get_submodule(parent_name)
-            child = getattr(parent, child_name)
-        except AttributeError:
-            continue
-        if isinstance(child, Experts):
-            setattr(parent, child_name, Fp8Experts(child, block))
-        elif isinstance(child, nn.Linear):
-            setattr(parent, child_name, Fp8Linear(child, block))
+        module = child(net, path)
+        if isinstance(module, Experts):
+            swap(net, path, Fp8Experts(module, block))
+        elif isinstance(module, nn.Linear):
+            swap(net, path, Fp8Linear(module, block))
         else:
             continue
         swaps += 1

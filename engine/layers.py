@@ -95,6 +95,24 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [..., H]
 
 
+def kv_cache(
+    batch: int, kv_heads: int, slots: int, head_dim: int, dtype: torch.dtype, device: torch.device
+) -> list[torch.Tensor]:
+    """An attention layer's cache entry: keys and values [B, G, slots, D], zeroed."""
+    shape = (batch, kv_heads, slots, head_dim)
+    return [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
+
+
+def append_kv(
+    cache: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, start: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write the new keys and values [B, G, T, D] at positions start.. of the cache; return every key
+    and value up to them, [B, G, start + T, D] (views into the cache)."""
+    t = k.shape[2]
+    cache[0][:, :, start : start + t], cache[1][:, :, start : start + t] = k, v
+    return cache[0][:, :, : start + t], cache[1][:, :, : start + t]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, scale: float) -> torch.Tensor:
     """Causal attention of T new queries at positions start.. over S keys at positions 0..S-1.
 
@@ -147,7 +165,7 @@ class Attention(nn.Module):
         self.v_proj = linear(hidden, kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = linear(heads * head_dim, hidden, bias=o_bias)
         self.qk_norm_per_head, self.clip_qkv = qk_norm_per_head, clip_qkv
-        self.rotary_dim = rotary_dim or head_dim  # GLM: RoPE on the first dims of each head only
+        self.rotary_dim = rotary_dim or head_dim  # the width of cos / sin; the native kernels rotate whole heads
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(head_dim if qk_norm_per_head else heads * head_dim, qk_norm_eps)
             self.k_norm = RMSNorm(head_dim if qk_norm_per_head else kv_heads * head_dim, qk_norm_eps)
@@ -155,8 +173,7 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-        shape = (batch, self.kv_heads, max_len, self.head_dim)  # [B, G, S_max, D]
-        return [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
+        return kv_cache(batch, self.kv_heads, max_len, self.head_dim, dtype, device)
 
     def forward(
         self,
@@ -177,18 +194,10 @@ class Attention(nn.Module):
         v = v.view(b, t, self.kv_heads, self.head_dim)  # [B, T, G, D]
         if self.q_norm is not None and self.qk_norm_per_head:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = self._rotate(q.transpose(1, 2), cos, sin)  # [B, N, T, D]
-        k = self._rotate(k.transpose(1, 2), cos, sin)  # [B, G, T, D]
+        q = rotate(q.transpose(1, 2), cos, sin)  # [B, N, T, D]
+        k = rotate(k.transpose(1, 2), cos, sin)  # [B, G, T, D]
         v = v.transpose(1, 2)  # [B, G, T, D]
         if cache is not None:
-            cache[0][:, :, start : start + t] = k
-            cache[1][:, :, start : start + t] = v
-            k, v = cache[0][:, :, : start + t], cache[1][:, :, : start + t]  # [B, G, S, D]
+            k, v = append_kv(cache, k, v, start)  # [B, G, S, D]
         out = attend(q, k, v, start=start, scale=self.head_dim**-0.5)  # [B, N, T, D]
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))  # [B, T, H]
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """x [B, N, T, D] with its first rotary_dim dims rotated (all of them unless partial)."""
-        if self.rotary_dim == self.head_dim:
-            return rotate(x, cos, sin)
-        return torch.cat([rotate(x[..., : self.rotary_dim], cos, sin), x[..., self.rotary_dim :]], dim=-1)

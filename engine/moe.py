@@ -5,6 +5,8 @@ Shapes: B batch, T tokens, E experts, K experts per token, H hidden, I expert wi
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -55,41 +57,9 @@ class SoftmaxRouter(nn.Module):
         return softmax_topk(logits, self.top_k, renormalize=self.renormalize)
 
 
-class SigmoidGroupRouter(nn.Module):
-    """DeepSeek-V3 routing: fp32 sigmoid scores, bias for selection, group-limited top-k."""
-
-    def __init__(
-        self,
-        experts: int,
-        hidden: int,
-        top_k: int,
-        *,
-        n_group: int,
-        topk_group: int,
-        renormalize: bool,
-        scaling: float,
-    ) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(experts, hidden), requires_grad=False)  # [E, H]
-        self.e_score_correction_bias = nn.Parameter(torch.empty(experts), requires_grad=False)  # [E], kept fp32
-        self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
-        self.renormalize, self.scaling = renormalize, scaling
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = matmul(x.float(), self.weight)  # [T, E]; fp32 as the reference does
-        return sigmoid_grouped_topk(
-            logits,
-            self.top_k,
-            bias=self.e_score_correction_bias,
-            n_group=self.n_group,
-            topk_group=self.topk_group,
-            renormalize=self.renormalize,
-            scaling=self.scaling,
-        )
-
-
-class SoftmaxGroupRouter(nn.Module):
-    """DeepSeek-V2 routing: fp32 softmax scores, greedy or group-limited top-k, scaled."""
+class GroupRouter(nn.Module):
+    """DeepSeek-style routing settings: fp32 scores over a router [E, H], top-k limited to the
+    `topk_group` best of `n_group` expert groups, optionally renormalized, scaled. Subclasses score."""
 
     def __init__(
         self, experts: int, hidden: int, top_k: int, *, n_group: int, topk_group: int, renormalize: bool, scaling: float
@@ -99,16 +69,32 @@ class SoftmaxGroupRouter(nn.Module):
         self.top_k, self.n_group, self.topk_group = top_k, n_group, topk_group
         self.renormalize, self.scaling = renormalize, scaling
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = matmul(x.float(), self.weight)  # [T, E]; fp32 as the reference does
-        return softmax_group_topk(
-            logits,
-            self.top_k,
-            n_group=self.n_group,
-            topk_group=self.topk_group,
-            renormalize=self.renormalize,
-            scaling=self.scaling,
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul(x.float(), self.weight)  # [T, E]; fp32 as the references do
+
+    def _groups(self) -> dict[str, Any]:
+        return dict(
+            n_group=self.n_group, topk_group=self.topk_group, renormalize=self.renormalize, scaling=self.scaling
         )
+
+
+class SigmoidGroupRouter(GroupRouter):
+    """DeepSeek-V3 routing: sigmoid scores, a correction bias for selection only. Returns
+    (weights [T, K] fp32, ids [T, K])."""
+
+    def __init__(self, experts: int, hidden: int, top_k: int, **groups: Any) -> None:
+        super().__init__(experts, hidden, top_k, **groups)
+        self.e_score_correction_bias = nn.Parameter(torch.empty(experts), requires_grad=False)  # [E], kept fp32
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return sigmoid_grouped_topk(self._logits(x), self.top_k, bias=self.e_score_correction_bias, **self._groups())
+
+
+class SoftmaxGroupRouter(GroupRouter):
+    """DeepSeek-V2 routing: softmax scores, greedy or group-limited. Returns (weights [T, K] fp32, ids [T, K])."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return softmax_group_topk(self._logits(x), self.top_k, **self._groups())
 
 
 class SparseMoe(nn.Module):

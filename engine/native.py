@@ -98,22 +98,8 @@ class BlockArgs(ctypes.Structure):
     """native.h's BlockArgs: a decoder block for moerag_blocks; pointers into tensors kept alive elsewhere."""
 
     _fields_ = [
-        *[
-            (name, _I)
-            for name in (
-                "heads",
-                "kv_heads",
-                "head_dim",
-                "experts",
-                "topk",
-                "renormalize",
-                "fmt",
-                "inter",
-                "group",
-                "fmt2",
-                "group2",
-            )  # fmt: skip
-        ],
+        *[(name, _I) for name in ("heads", "kv_heads", "head_dim", "experts", "topk", "renormalize", "fmt", "inter")],
+        *[(name, _I) for name in ("group", "fmt2", "group2")],
         ("attn", ctypes.POINTER(Proj)),
         *[(name, _P) for name in ("qnorm", "knorm", "in_norm", "post_norm")],
         ("qk_eps", _F),

@@ -118,7 +118,11 @@ class Rope:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split rotation (Llama/Qwen layout): x [B, N, T, D], cos/sin [T, D]."""
+    """Half-split rotation (Llama/Qwen layout): x [B, N, T, D], cos/sin [T, R]. With R < D (partial
+    RoPE: GLM, MiniMax, Qwen3-Next) the first R dims rotate and the rest pass through."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return torch.cat([rotate(x[..., :rotary], cos, sin), x[..., rotary:]], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # [B, N, T, D]
     return x * cos + rotated * sin

@@ -23,7 +23,7 @@ from torch import nn
 from engine.config import DecoderArgs, gqa_fields
 from engine.decoder import Block, CausalLM
 from engine.errors import CheckpointError
-from engine.layers import linear
+from engine.layers import append_kv, kv_cache, linear
 from engine.models import Architecture
 from engine.moe import Experts, expert_matmul
 from engine.qmatmul import matmul
@@ -108,8 +108,7 @@ class SinkAttention(nn.Module):
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
         slots = max_len if self.window is None else min(max_len, self.window)
-        shape = (batch, self.kv_heads, slots, self.head_dim)  # [B, G, slots, D]
-        return [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
+        return kv_cache(batch, self.kv_heads, slots, self.head_dim, dtype, device)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: list[torch.Tensor] | None, start: int
@@ -133,8 +132,7 @@ class SinkAttention(nn.Module):
         see, and the position of the first."""
         t, slots = k.shape[2], cache[0].shape[2]
         if self.window is None:
-            cache[0][:, :, start : start + t], cache[1][:, :, start : start + t] = k, v
-            return cache[0][:, :, : start + t], cache[1][:, :, : start + t], 0
+            return *append_kv(cache, k, v, start), 0
         past = min(start, self.window - 1)  # the earlier positions the window still reaches
         kept = torch.arange(start - past, start, device=k.device) % slots
         keys, values = torch.cat([cache[0][:, :, kept], k], dim=2), torch.cat([cache[1][:, :, kept], v], dim=2)

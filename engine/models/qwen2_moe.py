@@ -10,10 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from torch import nn
+
 from engine.decoder import Block, CausalLM
 from engine.layers import MLP, Attention
 from engine.models import Architecture
-from engine.models.qwen3_moe import Qwen3MoeArgs
+from engine.models.qwen3_moe import Qwen3MoeArgs, is_sparse
 from engine.moe import SharedExpertMoe
 
 
@@ -32,22 +34,26 @@ class Qwen2MoeArgs(Qwen3MoeArgs):
         )
 
 
+def feed_forward(args: Any, layer: int) -> nn.Module:
+    """Qwen2-MoE's MLP for `layer` (Qwen3-Next's too): routed experts with a gated shared expert where
+    the layer is sparse, a dense MLP elsewhere."""
+    if not is_sparse(args, layer):
+        return MLP(args.hidden_size, args.intermediate_size)
+    return SharedExpertMoe(
+        args.num_experts,
+        args.hidden_size,
+        args.moe_intermediate_size,
+        args.top_k,
+        args.shared_expert_intermediate_size,
+        renormalize=args.norm_topk_prob,
+    )
+
+
 def build(args: Qwen2MoeArgs) -> CausalLM:
     blocks = []
     for i in range(args.num_layers):
         attn = Attention(args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, qkv_bias=args.qkv_bias)
-        if args.is_sparse(i):
-            mlp = SharedExpertMoe(
-                args.num_experts,
-                args.hidden_size,
-                args.moe_intermediate_size,
-                args.top_k,
-                args.shared_expert_intermediate_size,
-                renormalize=args.norm_topk_prob,
-            )
-        else:
-            mlp = MLP(args.hidden_size, args.intermediate_size)
-        blocks.append(Block(attn, mlp, args.hidden_size, args.rms_norm_eps))
+        blocks.append(Block(attn, feed_forward(args, i), args.hidden_size, args.rms_norm_eps))
     return CausalLM.assemble(args, blocks)
 
 

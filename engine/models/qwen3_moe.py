@@ -46,10 +46,11 @@ class Qwen3MoeArgs(DecoderArgs):
             attention_bias=bool(c.get("attention_bias", False)),
         )
 
-    def is_sparse(self, layer: int) -> bool:
-        return (
-            layer not in self.mlp_only_layers and self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
-        )
+
+def is_sparse(args: Any, layer: int) -> bool:
+    """Whether `layer` routes to experts (Qwen2/3-MoE, Qwen3-Next args alike): not in mlp_only_layers,
+    and (layer + 1) a multiple of decoder_sparse_step."""
+    return layer not in args.mlp_only_layers and args.num_experts > 0 and (layer + 1) % args.decoder_sparse_step == 0
 
 
 def build(args: Qwen3MoeArgs) -> CausalLM:
@@ -64,7 +65,7 @@ def build(args: Qwen3MoeArgs) -> CausalLM:
             o_bias=args.attention_bias,
             qk_norm_eps=args.rms_norm_eps,
         )
-        if args.is_sparse(i):
+        if is_sparse(args, i):
             mlp = SparseMoe(
                 args.num_experts,
                 args.hidden_size,

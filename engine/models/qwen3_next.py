@@ -24,9 +24,9 @@ from torch import nn
 from engine.config import DecoderArgs, gqa_fields
 from engine.decoder import Block, CausalLM
 from engine.errors import CheckpointError
-from engine.layers import MLP, RMSNorm, attend, linear
+from engine.layers import RMSNorm, append_kv, attend, kv_cache, linear
 from engine.models import Architecture
-from engine.moe import SharedExpertMoe
+from engine.models.qwen2_moe import feed_forward
 from engine.rope import rotate
 
 CHUNK = 64  # tokens per chunk of the gated delta rule
@@ -81,11 +81,6 @@ class Qwen3NextArgs(DecoderArgs):
             split_projections=config.get("model_type") in ("qwen3_5_moe", "qwen3_5_moe_text"),
         )
 
-    def is_sparse(self, layer: int) -> bool:
-        return (
-            layer not in self.mlp_only_layers and self.num_experts > 0 and (layer + 1) % self.decoder_sparse_step == 0
-        )
-
 
 def gated_delta_rule(
     q: torch.Tensor,
@@ -95,7 +90,7 @@ def gated_delta_rule(
     beta: torch.Tensor,
     state: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The gated delta rule over T tokens, C at a time: q, k [B, H, T, Dk] (normed, q scaled),
+    """The gated delta rule over T tokens, C = min(CHUNK, T) at a time: q, k [B, H, T, Dk] (normed, q scaled),
     v [B, H, T, Dv], g (log decay, <= 0) and beta [B, H, T], state [B, H, Dk, Dv], all fp32
     -> (outputs [B, H, T, Dv], the state after the last token).
 
@@ -105,30 +100,31 @@ def gated_delta_rule(
     solved for every chunk at once; only S0 passes from chunk to chunk.
     """
     b, h, t, _ = k.shape
-    pad = -t % CHUNK
+    c = min(CHUNK, t)  # a decode step is a chunk of one: padding it to CHUNK cost 3 ms a layer
+    pad = -t % c
     if pad:  # zero keys and rates change nothing: the padded tokens write no update
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
         g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
-    n = (t + pad) // CHUNK
-    q, k, v = (x.reshape(b, h, n, CHUNK, x.shape[-1]) for x in (q, k, v))  # [B, H, n, C, D]
-    gamma = g.reshape(b, h, n, CHUNK).cumsum(-1)  # [B, H, n, C]
-    beta = beta.reshape(b, h, n, CHUNK)
-    causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).tril()  # j <= i
+    n = (t + pad) // c
+    q, k, v = (x.reshape(b, h, n, c, x.shape[-1]) for x in (q, k, v))  # [B, H, n, C, D]
+    gamma = g.reshape(b, h, n, c).cumsum(-1)  # [B, H, n, C]
+    beta = beta.reshape(b, h, n, c)
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()  # j <= i
     diff = (gamma[..., :, None] - gamma[..., None, :]).masked_fill(~causal, float("-inf"))
     decay = diff.exp()  # [B, H, n, C, C]: exp(gamma_i - gamma_j) for j <= i, else 0
     a = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay).tril(-1)  # strictly lower
-    system = a + torch.eye(CHUNK, device=q.device)
+    system = a + torch.eye(c, device=q.device)
     w_v = torch.linalg.solve_triangular(system, beta[..., None] * v, upper=False, unitriangular=True)
     w_k = torch.linalg.solve_triangular(system, (beta * gamma.exp())[..., None] * k, upper=False, unitriangular=True)
     scores = (q @ k.transpose(-1, -2)) * decay  # [B, H, n, C, C]: q_i . k_j, decayed, j <= i
     q_decayed = q * gamma.exp()[..., None]  # reads of S0
     k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]  # each key's decay to the chunk's end
     out = torch.empty_like(v)
-    for c in range(n):
-        u = w_v[:, :, c] - w_k[:, :, c] @ state  # [B, H, C, Dv]
-        out[:, :, c] = q_decayed[:, :, c] @ state + scores[:, :, c] @ u
-        state = state * gamma[:, :, c, -1, None, None].exp() + k_to_end[:, :, c].transpose(-1, -2) @ u
-    return out.reshape(b, h, n * CHUNK, -1)[:, :, :t], state
+    for i in range(n):
+        u = w_v[:, :, i] - w_k[:, :, i] @ state  # [B, H, C, Dv]
+        out[:, :, i] = q_decayed[:, :, i] @ state + scores[:, :, i] @ u
+        state = state * gamma[:, :, i, -1, None, None].exp() + k_to_end[:, :, i].transpose(-1, -2) @ u
+    return out.reshape(b, h, n * c, -1)[:, :, :t], state
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -220,12 +216,13 @@ class GatedDeltaNet(nn.Module):
 
 class GatedAttention(nn.Module):
     """Full attention whose output is gated per channel by sigmoid of a second half of q_proj (per
-    head: D query dims, then D gate dims), with per-head q/k norms and RoPE on the first rotary dims."""
+    head: D query dims, then D gate dims), with per-head q/k norms and RoPE on the first rotary dims
+    (the width of the model's cos / sin tables)."""
 
     def __init__(self, args: Qwen3NextArgs) -> None:
         super().__init__()
         h, n, gkv, d = args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim
-        self.heads, self.kv_heads, self.head_dim, self.rotary_dim = n, gkv, d, args.rotary_dim
+        self.heads, self.kv_heads, self.head_dim = n, gkv, d  # RoPE covers cos's width (args.rotary_dim)
         self.q_proj = linear(h, n * d * 2)
         self.k_proj = linear(h, gkv * d)
         self.v_proj = linear(h, gkv * d)
@@ -234,26 +231,19 @@ class GatedAttention(nn.Module):
         self.k_norm = RMSNorm(d, args.rms_norm_eps, offset=True)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-        shape = (batch, self.kv_heads, max_len, self.head_dim)  # [B, G, S_max, D]
-        return [torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device)]
-
-    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        r = self.rotary_dim
-        return torch.cat([rotate(x[..., :r], cos, sin), x[..., r:]], dim=-1)
+        return kv_cache(batch, self.kv_heads, max_len, self.head_dim, dtype, device)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: list[torch.Tensor] | None, start: int
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q, gate = self.q_proj(x).view(b, t, self.heads, 2 * self.head_dim).chunk(2, dim=-1)  # [B, T, N, D] each
-        q = self._rotate(self.q_norm(q).transpose(1, 2), cos, sin)  # [B, N, T, D]
+        q = rotate(self.q_norm(q).transpose(1, 2), cos, sin)  # [B, N, T, D]
         k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim))
-        k = self._rotate(k.transpose(1, 2), cos, sin)  # [B, G, T, D]
+        k = rotate(k.transpose(1, 2), cos, sin)  # [B, G, T, D]
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
         if cache is not None:
-            cache[0][:, :, start : start + t] = k
-            cache[1][:, :, start : start + t] = v
-            k, v = cache[0][:, :, : start + t], cache[1][:, :, : start + t]  # [B, G, S, D]
+            k, v = append_kv(cache, k, v, start)  # [B, G, S, D]
         out = attend(q, k, v, start=start, scale=self.head_dim**-0.5).transpose(1, 2)  # [B, T, N, D]
         out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(b, t, self.heads * self.head_dim))  # [B, T, H]
@@ -263,18 +253,7 @@ def build(args: Qwen3NextArgs) -> CausalLM:
     blocks = []
     for i, is_linear in enumerate(args.linear):
         mixer = GatedDeltaNet(args) if is_linear else GatedAttention(args)
-        if args.is_sparse(i):
-            mlp = SharedExpertMoe(
-                args.num_experts,
-                args.hidden_size,
-                args.moe_intermediate_size,
-                args.top_k,
-                args.shared_expert_intermediate_size,
-                renormalize=args.norm_topk_prob,
-            )
-        else:
-            mlp = MLP(args.hidden_size, args.intermediate_size)
-        blocks.append(Block(mixer, mlp, args.hidden_size, args.rms_norm_eps, offset_norms=True))
+        blocks.append(Block(mixer, feed_forward(args, i), args.hidden_size, args.rms_norm_eps, offset_norms=True))
     return CausalLM.assemble(args, blocks, rope_dim=args.rotary_dim, offset_norm=True)
 
 
