@@ -29,19 +29,24 @@ class Experts(nn.Module):
         return EXPERT_BACKENDS[self.backend](x, self.gate_up_proj, self.down_proj, weights, ids)  # [T, H]
 
 
-def expert_matmul(experts: nn.Module, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
-    """x [R, K] @ expert e's `name` ("gate_up_proj" [2I, H] or "down_proj" [H, I])^T -> [R, N], for any
-    stored form of Experts (float, int8 / int4 with `*_scale`, fp8 with its `block`, GGUF / MXFP4 blocks
-    with `*_format`): for architectures whose experts need more than the backends' SwiGLU."""
-    part = name.removesuffix("_proj")
-    scale = getattr(experts, f"{part}_scale", None)
-    return matmul(
-        x,
-        getattr(experts, name)[e],
-        None if scale is None else scale[e],
+def stored(experts: nn.Module, part: str) -> tuple[torch.Tensor, torch.Tensor | None, int | None, Any]:
+    """(weight [E, N, stored K], scale, fp8 block, block format) of `part` ("gate_up" or "down") of any
+    stored form of Experts: float, int8 / int4 with `*_scale`, fp8 with its `block`, GGUF / MXFP4
+    blocks with `*_format`. The one place that knows how those forms name what they hold."""
+    return (
+        getattr(experts, f"{part}_proj"),
+        getattr(experts, f"{part}_scale", None),
         getattr(experts, "block", None),
         getattr(experts, f"{part}_format", None),
     )
+
+
+def expert_matmul(experts: nn.Module, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+    """x [R, K] @ expert e's `name` ("gate_up_proj" [2I, H] or "down_proj" [H, I])^T -> [R, N], for any
+    stored form of Experts (see `stored`): for architectures whose experts need more than the backends'
+    SwiGLU."""
+    w, scale, block, fmt = stored(experts, name.removesuffix("_proj"))
+    return matmul(x, w[e], None if scale is None else scale[e], block, fmt)
 
 
 class SoftmaxRouter(nn.Module):

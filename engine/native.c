@@ -68,7 +68,7 @@ typedef struct {
     int8_t *q8;     /* int4 (SIMD): [K] int8, one scale per group */
     float *qs;      /* int8 (SIMD): [K/32] scale of each chunk; int4 (SIMD): [K/G] scale of each group */
     float *sum;     /* int4: [K/G] sum of f over each group */
-    int8_t *blk8;        /* block types (SIMD): [K] int8, one scale per 32 inputs (native_gguf.c) */
+    int8_t *blk8;        /* block types (SIMD): [2K] int8, one scale per 32 inputs: input order, then pairs of blocks (native_gguf.c) */
     float *blk_scale;    /* block types (SIMD): [K/32] the scale of each 32 */
     int16_t *blk_sum16;  /* block types (SIMD): [K/16] the sum of each 16 rounded values */
 } Act;
@@ -175,6 +175,7 @@ static const Format FORMATS[MOERAG_FORMATS] = {
         .dequantize = mxfp4_dequantize_generic,
         .act_bytes = PICK(blocks_act_bytes_avx2, NULL), .prepare = PICK(blocks_prepare_avx2, NULL),
         .dot = PICK(mxfp4_dot_avx2, mxfp4_dot_generic),
+        .together = PICK(mxfp4_together_avx2, NULL), .rows = PICK(mxfp4_rows_avx2, NULL),
     },
     [MOERAG_INT4ZP] = { /* int4's kernels, reading fp16 (scale, zero point) pairs (int4_group) */
         .name = "int4zp", .block = 2, .block_bytes = 1, .scale_group = 4,
@@ -203,13 +204,20 @@ const char *moerag_format_name(int64_t code) {
 static const AbiField ABI[] = {
     STRUCT(Proj), FIELD(Proj, fmt), FIELD(Proj, n), FIELD(Proj, k), FIELD(Proj, group), FIELD(Proj, w),
     FIELD(Proj, scale), FIELD(Proj, bias),
+    STRUCT(LinearArgs), FIELD(LinearArgs, key_heads), FIELD(LinearArgs, value_heads), FIELD(LinearArgs, key_dim),
+    FIELD(LinearArgs, value_dim), FIELD(LinearArgs, kernel), FIELD(LinearArgs, proj), FIELD(LinearArgs, conv),
+    FIELD(LinearArgs, dt_bias), FIELD(LinearArgs, a_log), FIELD(LinearArgs, norm), FIELD(LinearArgs, eps),
     STRUCT(BlockArgs), FIELD(BlockArgs, heads), FIELD(BlockArgs, kv_heads), FIELD(BlockArgs, head_dim),
     FIELD(BlockArgs, experts), FIELD(BlockArgs, topk), FIELD(BlockArgs, renormalize), FIELD(BlockArgs, fmt),
     FIELD(BlockArgs, inter), FIELD(BlockArgs, group), FIELD(BlockArgs, fmt2), FIELD(BlockArgs, group2),
     FIELD(BlockArgs, attn), FIELD(BlockArgs, qnorm),
     FIELD(BlockArgs, knorm), FIELD(BlockArgs, in_norm), FIELD(BlockArgs, post_norm), FIELD(BlockArgs, qk_eps),
     FIELD(BlockArgs, eps), FIELD(BlockArgs, router), FIELD(BlockArgs, w13), FIELD(BlockArgs, s13),
-    FIELD(BlockArgs, w2), FIELD(BlockArgs, s2),
+    FIELD(BlockArgs, w2), FIELD(BlockArgs, s2), FIELD(BlockArgs, hidden), FIELD(BlockArgs, rotary), FIELD(BlockArgs, qgate),
+    FIELD(BlockArgs, window), FIELD(BlockArgs, slots), FIELD(BlockArgs, act), FIELD(BlockArgs, routing),
+    FIELD(BlockArgs, n_group), FIELD(BlockArgs, topk_group), FIELD(BlockArgs, alpha), FIELD(BlockArgs, limit),
+    FIELD(BlockArgs, scaling), FIELD(BlockArgs, sinks), FIELD(BlockArgs, b13), FIELD(BlockArgs, b2),
+    FIELD(BlockArgs, correction), FIELD(BlockArgs, shared), FIELD(BlockArgs, linear),
 };
 
 const AbiField *moerag_abi(int64_t *version, int64_t *count) {
@@ -354,7 +362,9 @@ static inline const void *offset(const void *p, size_t bytes, int64_t e) {
 
 typedef struct {
     const Format *format, *format2; /* w13's, w2's */
-    int64_t topk, hidden, inter, width, group, group2, runs;
+    int64_t topk, hidden, inter, width, group, group2, runs, kind;
+    float alpha, limit; /* kind 1 (gpt-oss's activation): see BlockArgs.act */
+    const float *bias13, *bias2; /* [E, 2I], [E, H] or NULL */
     const int64_t *ids;
     int64_t *order, *starts; /* slots sorted by expert (stable); run r: order[starts[r]..starts[r+1]) */
     const float *weights;
@@ -389,12 +399,26 @@ static void moe_rows(const MoeJob *j, int64_t begin, int64_t end, int down) {
 
 static void moe_up(void *ctx, int64_t begin, int64_t end) { moe_rows(ctx, begin, end, 0); }
 
-static void moe_act(void *ctx, int64_t begin, int64_t end) { /* silu(gate) * up, prepared for down */
+/* gpt-oss's activation: a [I] = (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'), g' = min(g, limit). */
+static void clamped_glu(const float *g, const float *u, float *a, int64_t n, float alpha, float limit) {
+    for (int64_t i = 0; i < n; i++) {
+        float gi = fminf(g[i], limit), ui = fminf(fmaxf(u[i], -limit), limit);
+        a[i] = (ui + 1.f) * gi / (1.f + expf(-alpha * gi));
+    }
+}
+
+static void moe_act(void *ctx, int64_t begin, int64_t end) { /* (bias,) activation, prepared for down */
     MoeJob *j = ctx;
     for (int64_t p = begin; p < end; p++) {
-        const float *h = j->h + p * j->width;
-        float *a = j->act + p * j->inter;
-        silu_mul(h, h + j->inter, a, j->inter);
+        float *h = j->h + p * j->width, *a = j->act + p * j->inter;
+        if (j->bias13) {
+            const float *bias = j->bias13 + j->ids[j->order[p]] * j->width;
+            for (int64_t i = 0; i < j->width; i++) h[i] += bias[i];
+        }
+        if (j->kind)
+            clamped_glu(h, h + j->inter, a, j->inter, j->alpha, j->limit);
+        else
+            silu_mul(h, h + j->inter, a, j->inter);
         prepare(j->format2, &j->aa.acts[p], a, j->inter, j->group2);
     }
 }
@@ -409,6 +433,10 @@ static void moe_sum(void *ctx, int64_t begin, int64_t end) { /* out = sum of wei
         float w = j->weights[slot], *o = j->out + (slot / j->topk) * j->hidden;
         const float *y = j->y + p * j->hidden;
         for (int64_t row = begin; row < end; row++) o[row] += w * y[row];
+        if (j->bias2) {
+            const float *bias = j->bias2 + j->ids[slot] * j->hidden;
+            for (int64_t row = begin; row < end; row++) o[row] += w * bias[row];
+        }
     }
 }
 
@@ -430,37 +458,26 @@ static void group_slots(MoeJob *j, int64_t slots) {
     j->starts[j->runs] = slots;
 }
 
-/* out[T, H] = sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]), each expert
- * down(silu(gate(x)) * up(x)) with w13 [E, 2I, H] (gate rows, then up rows) in fmt (group),
- * w2 [E, H, I] in fmt2 (group2). Slots are grouped by expert so each selected expert's weights
- * are read once. */
-int moerag_moe(int fmt, int fmt2, int64_t t, int64_t topk, int64_t hidden, int64_t inter, int64_t group,
-               int64_t group2, const float *x, const int64_t *ids, const float *weights, const void *w13,
-               const void *s13, const void *w2, const void *s2, float *out) {
-    const Format *f = &FORMATS[fmt], *f2 = &FORMATS[fmt2];
-    int64_t slots = t * topk, width = 2 * inter;
-    MoeJob j = {
-        .format = f, .format2 = f2, .topk = topk, .hidden = hidden, .inter = inter, .width = width,
-        .group = group, .group2 = group2, .ids = ids, .weights = weights, .w13 = w13, .s13 = s13, .w2 = w2,
-        .s2 = s2, .b13 = weight_bytes(f, width, hidden), .c13 = scale_bytes(f, width, hidden, group),
-        .b2 = weight_bytes(f2, hidden, inter), .c2 = scale_bytes(f2, hidden, inter, group2),
-        .order = allocate(sizeof(int64_t) * (size_t)slots),
-        .starts = allocate(sizeof(int64_t) * (size_t)(slots + 1)),
-        .h = allocate(sizeof(float) * (size_t)(slots * width)),
-        .act = allocate(sizeof(float) * (size_t)(slots * inter)),
-        .y = allocate(sizeof(float) * (size_t)(slots * hidden)),
-        .out = out,
-    };
-    int ok = j.order && j.starts && j.h && j.act && j.y && acts_new(&j.xa, f, t, hidden, group) &&
-             acts_new(&j.aa, f2, slots, inter, group2);
+/* out[T, H] = sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]) for the experts j describes
+ * (formats, shapes, weights, biases, activation; see moerag_moe), each expert's weights read once. */
+static int run_moe(MoeJob j, int64_t t, const float *x, float *out) {
+    int64_t slots = t * j.topk;
+    j.order = allocate(sizeof(int64_t) * (size_t)slots);
+    j.starts = allocate(sizeof(int64_t) * (size_t)(slots + 1));
+    j.h = allocate(sizeof(float) * (size_t)(slots * j.width));
+    j.act = allocate(sizeof(float) * (size_t)(slots * j.inter));
+    j.y = allocate(sizeof(float) * (size_t)(slots * j.hidden));
+    j.out = out;
+    int ok = j.order && j.starts && j.h && j.act && j.y && acts_new(&j.xa, j.format, t, j.hidden, j.group) &&
+             acts_new(&j.aa, j.format2, slots, j.inter, j.group2);
     if (ok) {
         group_slots(&j, slots);
-        for (int64_t i = 0; i < t; i++) prepare(f, &j.xa.acts[i], x + i * hidden, hidden, group);
-        memset(out, 0, sizeof(float) * (size_t)(t * hidden));
-        parallel_for(j.runs * width, moe_up, &j);
+        for (int64_t i = 0; i < t; i++) prepare(j.format, &j.xa.acts[i], x + i * j.hidden, j.hidden, j.group);
+        memset(out, 0, sizeof(float) * (size_t)(t * j.hidden));
+        parallel_for(j.runs * j.width, moe_up, &j);
         parallel_for(slots, moe_act, &j);
-        parallel_for(j.runs * hidden, moe_down, &j);
-        parallel_for(hidden, moe_sum, &j);
+        parallel_for(j.runs * j.hidden, moe_down, &j);
+        parallel_for(j.hidden, moe_sum, &j);
     }
     acts_free(&j.aa);
     acts_free(&j.xa);
@@ -470,6 +487,32 @@ int moerag_moe(int fmt, int fmt2, int64_t t, int64_t topk, int64_t hidden, int64
     free(j.starts);
     free(j.order);
     return ok ? MOERAG_OK : MOERAG_NO_MEMORY;
+}
+
+/* The experts' description for run_moe: w13 [E, 2I, H] (gate rows, then up rows) in fmt (group),
+ * w2 [E, H, I] in fmt2 (group2), routed by ids / weights [T, K]; no biases, silu(gate) * up. */
+static MoeJob moe_job(int fmt, int fmt2, int64_t topk, int64_t hidden, int64_t inter, int64_t group, int64_t group2,
+                      const int64_t *ids, const float *weights, const void *w13, const void *s13, const void *w2,
+                      const void *s2) {
+    const Format *f = &FORMATS[fmt], *f2 = &FORMATS[fmt2];
+    int64_t width = 2 * inter;
+    return (MoeJob){
+        .format = f, .format2 = f2, .topk = topk, .hidden = hidden, .inter = inter, .width = width,
+        .group = group, .group2 = group2, .ids = ids, .weights = weights, .w13 = w13, .s13 = s13, .w2 = w2,
+        .s2 = s2, .b13 = weight_bytes(f, width, hidden), .c13 = scale_bytes(f, width, hidden, group),
+        .b2 = weight_bytes(f2, hidden, inter), .c2 = scale_bytes(f2, hidden, inter, group2),
+    };
+}
+
+/* out[T, H] = sum over k of weights[t, k] * expert_{ids[t, k]}(x[t]), each expert
+ * down(silu(gate(x)) * up(x)) with w13 [E, 2I, H] (gate rows, then up rows) in fmt (group),
+ * w2 [E, H, I] in fmt2 (group2). Slots are grouped by expert so each selected expert's weights
+ * are read once. */
+int moerag_moe(int fmt, int fmt2, int64_t t, int64_t topk, int64_t hidden, int64_t inter, int64_t group,
+               int64_t group2, const float *x, const int64_t *ids, const float *weights, const void *w13,
+               const void *s13, const void *w2, const void *s2, float *out) {
+    MoeJob j = moe_job(fmt, fmt2, topk, hidden, inter, group, group2, ids, weights, w13, s13, w2, s2);
+    return run_moe(j, t, x, out);
 }
 
 /* out[N, K] fp32 = the weights W, for products with many rows (prefill) done by torch. */
@@ -512,13 +555,15 @@ static void proj_rows(const Proj *p, int64_t first, int64_t count, const Act *ac
     }
 }
 
-/* Per-head RMSNorm (optional, fp32 weight [D]) then the half-split rotation by (cos, sin) [D]. */
-static void norm_rotate(float *v, int64_t d, const float *norm, float eps, const float *cos, const float *sin) {
+/* Per-head RMSNorm (optional, fp32 weight [D]) then the half-split rotation of the first `rotary`
+ * dims by (cos, sin) [rotary]; the others pass through (partial RoPE). */
+static void norm_rotate(float *v, int64_t d, int64_t rotary, const float *norm, float eps, const float *cos,
+                        const float *sin) {
     if (norm) {
         float inv = 1.f / sqrtf(sum_squares(v, d) / (float)d + eps);
         for (int64_t i = 0; i < d; i++) v[i] = v[i] * inv * norm[i];
     }
-    int64_t half = d / 2;
+    int64_t half = rotary / 2;
     for (int64_t i = 0; i < half; i++) {
         float a = v[i], b = v[i + half];
         v[i] = a * cos[i] - b * sin[i];
@@ -527,19 +572,21 @@ static void norm_rotate(float *v, int64_t d, const float *norm, float eps, const
 }
 
 typedef struct {
+    const BlockArgs *a; /* heads, rotary, qgate, sinks, window: see BlockArgs */
     const Proj *pq, *pk, *pv, *po;
-    int64_t b, heads, kv_heads, d, pos, smax, nq, nkv, width, s;
-    const float *qnorm, *knorm, *cos, *sin;
-    float eps, scale;
+    int64_t b, d, pos, slots, nq, nkv, qstride, width, s;
+    const float *cos, *sin;
+    float scale;
     float *kcache, *vcache, *qkv, *att, *probs, *out; /* qkv [B, q | k | v], att [B, N*D], probs [B, N, S] */
     Acts xa, oa;
 } AttnJob;
 
 static void attn_qkv(void *ctx, int64_t begin, int64_t end) { /* q, k and v rows in one loop */
     const AttnJob *j = ctx;
+    int64_t nq = j->pq->n;
     for (int64_t row = begin, next; row < end; row = next) { /* one projection's rows at a time */
-        const Proj *p = row < j->nq ? j->pq : row < j->nq + j->nkv ? j->pk : j->pv;
-        int64_t first = row < j->nq ? 0 : row < j->nq + j->nkv ? j->nq : j->nq + j->nkv; /* p's first row */
+        const Proj *p = row < nq ? j->pq : row < nq + j->nkv ? j->pk : j->pv;
+        int64_t first = row < nq ? 0 : row < nq + j->nkv ? nq : nq + j->nkv; /* p's first row */
         next = min64(end, first + p->n);
         proj_rows(p, row - first, next - row, j->xa.acts, j->b, j->qkv + row, j->width);
     }
@@ -547,18 +594,19 @@ static void attn_qkv(void *ctx, int64_t begin, int64_t end) { /* q, k and v rows
 
 static void attn_rotate(void *ctx, int64_t begin, int64_t end) { /* norm + rotate; k, v into the cache */
     const AttnJob *j = ctx;
-    int64_t all = j->heads + j->kv_heads;
+    const BlockArgs *a = j->a;
+    int64_t all = a->heads + a->kv_heads, nq = j->pq->n;
     for (int64_t hb = begin; hb < end; hb++) {
         int64_t i = hb / all, h = hb % all;
         float *row = j->qkv + i * j->width;
-        if (h < j->heads) {
-            norm_rotate(row + h * j->d, j->d, j->qnorm, j->eps, j->cos, j->sin);
+        if (h < a->heads) {
+            norm_rotate(row + h * j->qstride, j->d, a->rotary, a->qnorm, a->qk_eps, j->cos, j->sin);
             continue;
         }
-        int64_t g = h - j->heads;
-        float *k = row + j->nq + g * j->d, *v = row + j->nq + j->nkv + g * j->d;
-        norm_rotate(k, j->d, j->knorm, j->eps, j->cos, j->sin);
-        size_t at = (size_t)(((i * j->kv_heads + g) * j->smax + j->pos) * j->d);
+        int64_t g = h - a->heads, slot = a->window ? j->pos % j->slots : j->pos; /* a window's cache is a ring */
+        float *k = row + nq + g * j->d, *v = row + nq + j->nkv + g * j->d;
+        norm_rotate(k, j->d, a->rotary, a->knorm, a->qk_eps, j->cos, j->sin);
+        size_t at = (size_t)(((i * a->kv_heads + g) * j->slots + slot) * j->d);
         memcpy(j->kcache + at, k, sizeof(float) * (size_t)j->d);
         memcpy(j->vcache + at, v, sizeof(float) * (size_t)j->d);
     }
@@ -566,12 +614,17 @@ static void attn_rotate(void *ctx, int64_t begin, int64_t end) { /* norm + rotat
 
 static void attn_heads(void *ctx, int64_t begin, int64_t end) { /* each query head over its key head */
     const AttnJob *j = ctx;
+    const BlockArgs *a = j->a;
     int64_t d = j->d;
     for (int64_t hb = begin; hb < end; hb++) {
-        int64_t i = hb / j->heads, h = hb % j->heads, g = h / (j->heads / j->kv_heads);
-        size_t cache = (size_t)((i * j->kv_heads + g) * j->smax) * (size_t)d; /* key head g's [S_max, D] */
-        attend(j->qkv + i * j->width + h * d, j->kcache + cache, j->vcache + cache, j->s, d, j->scale,
-               j->probs + hb * j->s, j->att + i * j->nq + h * d);
+        int64_t i = hb / a->heads, h = hb % a->heads, g = h / (a->heads / a->kv_heads);
+        size_t cache = (size_t)((i * a->kv_heads + g) * j->slots) * (size_t)d; /* key head g's [slots, D] */
+        const float *q = j->qkv + i * j->width + h * j->qstride;
+        float *o = j->att + i * j->nq + h * d;
+        attend(q, j->kcache + cache, j->vcache + cache, j->s, d, j->scale, a->sinks ? a->sinks[h] : -INFINITY,
+               j->probs + hb * j->s, o);
+        if (a->qgate) /* the head's gate values follow its query values */
+            for (int64_t c = 0; c < d; c++) o[c] /= 1.f + expf(-q[d + c]);
     }
 }
 
@@ -580,32 +633,32 @@ static void attn_out(void *ctx, int64_t begin, int64_t end) {
     proj_rows(j->po, begin, end - begin, j->oa.acts, j->b, j->out + begin, j->po->n);
 }
 
-/* One decode step of grouped-query attention for B sequences, each with one new token at
- * position `pos`: q, k, v = x W^T (+ bias); optional q/k RMSNorm per head; rotation; k, v into
- * the caches [B, G, S_max, D]; softmax(q k^T * scale) v over positions 0..pos; then o_proj.
- * x [B, Hx] is the normed layer input; out [B, Ho]. proj = {q, k, v, o}, q, k and v in one
- * format. */
-int moerag_attention(int64_t b, int64_t heads, int64_t kv_heads, int64_t d, int64_t pos, int64_t smax,
-                     const float *x, const Proj *proj, const float *qnorm, const float *knorm, float eps,
-                     const float *cos, const float *sin, float *kcache, float *vcache, float scale, float *out) {
-    int64_t nq = heads * d, nkv = kv_heads * d, hx = proj[0].k;
+/* One decode step of a block's attention (BlockArgs' attention fields) for B sequences, each with
+ * one new token at position `pos`: q, k, v = x W^T (+ bias); optional q/k RMSNorm per head;
+ * rotation of the first `rotary` dims; k, v into the caches [B, G, slots, D] (at pos % slots with a
+ * window); softmax(q k^T * scale, sink) v over the positions the cache holds; the sigmoid gate if
+ * any; then o_proj. x [B, Hx] is the normed layer input; out [B, Ho]. q, k and v share one format. */
+static int attention(const BlockArgs *a, int64_t b, int64_t pos, const float *x, const float *cos, const float *sin,
+                     float *kcache, float *vcache, float scale, float *out) {
+    const Proj *proj = a->attn;
+    int64_t d = a->head_dim, nq = a->heads * d, nkv = a->kv_heads * d, hx = proj[0].k;
     const Format *fx = &FORMATS[proj[0].fmt], *fo = &FORMATS[proj[3].fmt];
+    int64_t seen = a->window ? min64(pos + 1, a->slots) : pos + 1; /* the positions the cache holds */
     AttnJob j = {
-        .pq = &proj[0], .pk = &proj[1], .pv = &proj[2], .po = &proj[3], .b = b, .heads = heads, .kv_heads = kv_heads,
-        .d = d, .pos = pos, .smax = smax, .nq = nq, .nkv = nkv, .width = nq + 2 * nkv, .s = pos + 1,
-        .qnorm = qnorm, .knorm = knorm, .cos = cos, .sin = sin, .eps = eps, .scale = scale,
-        .kcache = kcache, .vcache = vcache, .out = out,
-        .qkv = allocate(sizeof(float) * (size_t)(b * (nq + 2 * nkv))),
+        .a = a, .pq = &proj[0], .pk = &proj[1], .pv = &proj[2], .po = &proj[3], .b = b, .d = d, .pos = pos,
+        .slots = a->slots, .nq = nq, .nkv = nkv, .qstride = a->qgate ? 2 * d : d, .width = proj[0].n + 2 * nkv,
+        .s = seen, .cos = cos, .sin = sin, .scale = scale, .kcache = kcache, .vcache = vcache, .out = out,
+        .qkv = allocate(sizeof(float) * (size_t)(b * (proj[0].n + 2 * nkv))),
         .att = allocate(sizeof(float) * (size_t)(b * nq)),
-        .probs = allocate(sizeof(float) * (size_t)(b * heads * (pos + 1))),
+        .probs = allocate(sizeof(float) * (size_t)(b * a->heads * seen)),
     };
     int ok = j.qkv && j.att && j.probs && acts_new(&j.xa, fx, b, hx, proj[0].group) &&
              acts_new(&j.oa, fo, b, nq, proj[3].group);
     if (ok) {
         for (int64_t i = 0; i < b; i++) prepare(fx, &j.xa.acts[i], x + i * hx, hx, proj[0].group);
         parallel_for(j.width, attn_qkv, &j);
-        parallel_for(b * (heads + kv_heads), attn_rotate, &j);
-        parallel_for(b * heads, attn_heads, &j);
+        parallel_for(b * (a->heads + a->kv_heads), attn_rotate, &j);
+        parallel_for(b * a->heads, attn_heads, &j);
         for (int64_t i = 0; i < b; i++) prepare(fo, &j.oa.acts[i], j.att + i * nq, nq, proj[3].group);
         parallel_for(proj[3].n, attn_out, &j);
     }
@@ -616,6 +669,18 @@ int moerag_attention(int64_t b, int64_t heads, int64_t kv_heads, int64_t d, int6
     free(j.qkv);
     return ok ? MOERAG_OK : MOERAG_NO_MEMORY;
 }
+
+/* One decode step of grouped-query attention over whole heads, without sinks, gates or windows
+ * (attention() above): caches [B, G, S_max, D]. */
+int moerag_attention(int64_t b, int64_t heads, int64_t kv_heads, int64_t d, int64_t pos, int64_t smax,
+                     const float *x, const Proj *proj, const float *qnorm, const float *knorm, float eps,
+                     const float *cos, const float *sin, float *kcache, float *vcache, float scale, float *out) {
+    BlockArgs a = {.heads = heads, .kv_heads = kv_heads, .head_dim = d, .attn = proj, .qnorm = qnorm,
+                   .knorm = knorm, .qk_eps = eps, .rotary = d, .slots = smax};
+    return attention(&a, b, pos, x, cos, sin, kcache, vcache, scale, out);
+}
+
+#include "native_linear.c"
 
 /* logits [B, E] -> for each row the topk largest softmax probabilities (ties: lowest id first),
  * their ids [B, topk] and weights [B, topk] (fp32; renormalized to sum 1 if asked). */
@@ -638,39 +703,142 @@ static void route(float *logits, int64_t b, int64_t e, int64_t topk, int renorma
     }
 }
 
-/* One decoder block of a softmax-routed MoE model (Qwen3-MoE, Mixtral) at decode, in one call:
- *   x += attention(rmsnorm(x) * w_in);  h = rmsnorm(x) * w_post;
- *   weights, ids = top-k of softmax(h router^T) (fp32; renormalized if asked);  x += moe(h).
- * x [B, H] is updated in place. The pieces are the functions above. */
-static int decode_block(const BlockArgs *k, int64_t b, int64_t pos, int64_t smax, float *x, const float *cos,
-                        const float *sin, float *kcache, float *vcache, float scale) {
+/* The index of the largest v[j] over j < n not in taken [count] (ties: lowest first), -1 if none. */
+static int64_t best_of(const float *v, int64_t n, const int64_t *taken, int64_t count) {
+    int64_t best = -1;
+    for (int64_t j = 0; j < n; j++) {
+        int seen = 0;
+        for (int64_t c = 0; c < count && !seen; c++) seen = taken[c] == j;
+        if (!seen && (best < 0 || v[j] > v[best])) best = j;
+    }
+    return best;
+}
+
+/* DeepSeek-V3's routing (BlockArgs.routing 1) of logits [B, E] in place -> ids, weights [B, topk];
+ * scratch holds E + n_group floats. engine/routing.py's sigmoid_grouped_topk is the reference. */
+static void route_grouped(const BlockArgs *k, float *logits, int64_t b, float *scratch, float *weights, int64_t *ids) {
+    int64_t e = k->experts, topk = k->topk, groups = k->n_group > 1 ? k->n_group : 1, per = e / groups;
+    float *choice = scratch, *group_score = scratch + e;
+    int64_t kept[64]; /* the groups kept, at most 64 a token (more are refused by the backend) */
+    for (int64_t i = 0; i < b; i++) {
+        float *score = logits + i * e, total = 0.f;
+        for (int64_t j = 0; j < e; j++) {
+            score[j] = 1.f / (1.f + expf(-score[j]));
+            choice[j] = score[j] + k->correction[j];
+        }
+        if (groups > 1) {
+            for (int64_t g = 0; g < groups; g++) { /* the sum of the group's two best */
+                int64_t first = best_of(choice + g * per, per, NULL, 0), second = best_of(choice + g * per, per, &first, 1);
+                group_score[g] = choice[g * per + first] + (second < 0 ? 0.f : choice[g * per + second]);
+            }
+            for (int64_t c = 0; c < k->topk_group; c++) kept[c] = best_of(group_score, groups, kept, c);
+            for (int64_t g = 0; g < groups; g++) {
+                int in = 0;
+                for (int64_t c = 0; c < k->topk_group && !in; c++) in = kept[c] == g;
+                if (!in)
+                    for (int64_t j = g * per; j < (g + 1) * per; j++) choice[j] = -INFINITY;
+            }
+        }
+        int64_t *chosen = ids + i * topk;
+        for (int64_t s = 0; s < topk; s++) {
+            chosen[s] = best_of(choice, e, chosen, s);
+            total += weights[i * topk + s] = score[chosen[s]];
+        }
+        for (int64_t s = 0; s < topk; s++)
+            weights[i * topk + s] = (k->renormalize ? weights[i * topk + s] / (total + 1e-20f) : weights[i * topk + s]) *
+                                    k->scaling;
+    }
+}
+
+/* y [B, N] = x [B, K] p^T (+ p's bias). */
+static int project(const Proj *p, int64_t b, const float *x, float *y) {
+    int status = moerag_gemv((int)p->fmt, b, p->n, p->k, p->group, x, p->w, p->scale, y);
+    if (status == MOERAG_OK && p->bias)
+        for (int64_t i = 0; i < b; i++)
+            for (int64_t r = 0; r < p->n; r++) y[i * p->n + r] += p->bias[r];
+    return status;
+}
+
+/* y [B, H] += [sigmoid(h . gate) *] down(silu(h gate_proj^T) * (h up_proj^T)): a dense MLP (a shared
+ * expert: DeepSeek, GLM; gated: Qwen2-MoE, Qwen3.5); shared = {gate_proj, up_proj, down_proj, gate
+ * [1, H] or one whose w is NULL}. */
+static int shared_expert(const Proj *shared, int64_t b, const float *h, float *y) {
+    int64_t width = shared[0].n, hidden = shared[2].n;
+    float *g = allocate(sizeof(float) * (size_t)(b * width)), *u = allocate(sizeof(float) * (size_t)(b * width));
+    float *d = allocate(sizeof(float) * (size_t)(b * hidden)), *s = allocate(sizeof(float) * (size_t)b);
+    int status = g && u && d && s ? MOERAG_OK : MOERAG_NO_MEMORY;
+    if (status == MOERAG_OK) status = project(&shared[0], b, h, g);
+    if (status == MOERAG_OK) status = project(&shared[1], b, h, u);
+    if (status == MOERAG_OK) {
+        silu_mul(g, u, g, b * width);
+        status = project(&shared[2], b, g, d);
+    }
+    if (status == MOERAG_OK && shared[3].w) status = project(&shared[3], b, h, s);
+    if (status == MOERAG_OK)
+        for (int64_t i = 0; i < b; i++) {
+            float gate = shared[3].w ? 1.f / (1.f + expf(-s[i])) : 1.f;
+            for (int64_t r = 0; r < hidden; r++) y[i * hidden + r] += gate * d[i * hidden + r];
+        }
+    free(s);
+    free(d);
+    free(u);
+    free(g);
+    return status;
+}
+
+/* y [B, H] = the routed experts of h [B, H] (see BlockArgs): route, then run_moe. */
+static int routed_experts(const BlockArgs *k, int64_t b, const float *h, float *y) {
     int64_t hidden = k->router->k, e = k->experts, topk = k->topk;
-    float *h = allocate(sizeof(float) * (size_t)(b * hidden));
-    float *y = allocate(sizeof(float) * (size_t)(b * hidden));
-    float *logits = allocate(sizeof(float) * (size_t)(b * e));
+    float *logits = allocate(sizeof(float) * (size_t)(b * e + e + k->n_group));
     float *weights = allocate(sizeof(float) * (size_t)(b * topk));
     int64_t *ids = allocate(sizeof(int64_t) * (size_t)(b * topk));
-    int status = h && y && logits && weights && ids ? MOERAG_OK : MOERAG_NO_MEMORY;
+    int status = logits && weights && ids ? MOERAG_OK : MOERAG_NO_MEMORY;
+    if (status == MOERAG_OK) status = project(k->router, b, h, logits);
+    if (status == MOERAG_OK) {
+        if (k->routing)
+            route_grouped(k, logits, b, logits + b * e, weights, ids);
+        else
+            route(logits, b, e, topk, (int)k->renormalize, weights, ids);
+        MoeJob job = moe_job((int)k->fmt, (int)k->fmt2, topk, hidden, k->inter, k->group, k->group2, ids, weights,
+                             k->w13, k->s13, k->w2, k->s2);
+        job.bias13 = k->b13;
+        job.bias2 = k->b2;
+        job.kind = k->act;
+        job.alpha = k->alpha;
+        job.limit = k->limit;
+        status = run_moe(job, b, h, y);
+    }
+    free(ids);
+    free(weights);
+    free(logits);
+    return status;
+}
+
+/* One decoder block at decode, in one call (see BlockArgs):
+ *   x += mixer(rmsnorm(x) * w_in);  h = rmsnorm(x) * w_post;  x += experts(h) + shared(h).
+ * x [B, H] is updated in place; kcache / vcache are the mixer's caches. The pieces are the
+ * functions above. */
+static int decode_block(const BlockArgs *k, int64_t b, int64_t pos, float *x, const float *cos, const float *sin,
+                        float *kcache, float *vcache, float scale) {
+    int64_t hidden = k->hidden;
+    float *h = allocate(sizeof(float) * (size_t)(b * hidden)), *y = allocate(sizeof(float) * (size_t)(b * hidden));
+    int status = h && y ? MOERAG_OK : MOERAG_NO_MEMORY;
     if (status == MOERAG_OK) {
         moerag_rmsnorm(b, hidden, x, k->in_norm, k->eps, h);
-        status = moerag_attention(b, k->heads, k->kv_heads, k->head_dim, pos, smax, h, k->attn, k->qnorm, k->knorm,
-                                  k->qk_eps, cos, sin, kcache, vcache, scale, y);
+        status = k->linear ? linear_step(k->linear, b, h, kcache, vcache, y)
+                           : attention(k, b, pos, h, cos, sin, kcache, vcache, scale, y);
     }
     if (status == MOERAG_OK) {
         for (int64_t i = 0; i < b * hidden; i++) x[i] += y[i];
         moerag_rmsnorm(b, hidden, x, k->post_norm, k->eps, h);
-        status = moerag_gemv((int)k->router->fmt, b, e, hidden, 32, h, k->router->w, NULL, logits);
+        if (k->experts)
+            status = routed_experts(k, b, h, y);
+        else
+            memset(y, 0, sizeof(float) * (size_t)(b * hidden));
     }
-    if (status == MOERAG_OK) {
-        route(logits, b, e, topk, (int)k->renormalize, weights, ids);
-        status = moerag_moe((int)k->fmt, (int)k->fmt2, b, topk, hidden, k->inter, k->group, k->group2, h, ids,
-                            weights, k->w13, k->s13, k->w2, k->s2, y);
-    }
+    if (status == MOERAG_OK && k->shared) status = shared_expert(k->shared, b, h, y);
     if (status == MOERAG_OK)
         for (int64_t i = 0; i < b * hidden; i++) x[i] += y[i];
-    free(ids);
-    free(weights);
-    free(logits);
     free(y);
     free(h);
     return status;
@@ -678,10 +846,10 @@ static int decode_block(const BlockArgs *k, int64_t b, int64_t pos, int64_t smax
 
 /* The decode step of n consecutive blocks (decode_block each; x [B, H] updated in place), with
  * each block's own fp32 caches: one call per token for the whole stack. */
-int moerag_blocks(const BlockArgs *blocks, int64_t n, int64_t b, int64_t pos, int64_t smax, float *x,
-                  const float *cos, const float *sin, float *const *kcache, float *const *vcache, float scale) {
+int moerag_blocks(const BlockArgs *blocks, int64_t n, int64_t b, int64_t pos, float *x, const float *cos,
+                  const float *sin, float *const *kcache, float *const *vcache, float scale) {
     int status = MOERAG_OK;
     for (int64_t i = 0; i < n && status == MOERAG_OK; i++)
-        status = decode_block(&blocks[i], b, pos, smax, x, cos, sin, kcache[i], vcache[i], scale);
+        status = decode_block(&blocks[i], b, pos, x, cos, sin, kcache[i], vcache[i], scale);
     return status;
 }

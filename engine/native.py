@@ -35,7 +35,7 @@ from kernels.formats import FORMATS, Format, format_of
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")  # the translation unit; it includes the other native* files
-ABI_VERSION = 2  # MOERAG_ABI_VERSION in native.h
+ABI_VERSION = 3  # MOERAG_ABI_VERSION in native.h
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 
 
@@ -94,6 +94,17 @@ class Proj(ctypes.Structure):
     _fields_ = [("fmt", _I), ("n", _I), ("k", _I), ("group", _I), ("w", _P), ("scale", _P), ("bias", _P)]
 
 
+class LinearArgs(ctypes.Structure):
+    """native.h's LinearArgs: a Gated DeltaNet mixer for moerag_linear / moerag_blocks."""
+
+    _fields_ = [
+        *[(name, _I) for name in ("key_heads", "value_heads", "key_dim", "value_dim", "kernel")],
+        ("proj", ctypes.POINTER(Proj)),
+        *[(name, _P) for name in ("conv", "dt_bias", "a_log", "norm")],
+        ("eps", _F),
+    ]
+
+
 class BlockArgs(ctypes.Structure):
     """native.h's BlockArgs: a decoder block for moerag_blocks; pointers into tensors kept alive elsewhere."""
 
@@ -106,6 +117,12 @@ class BlockArgs(ctypes.Structure):
         ("eps", _F),
         ("router", ctypes.POINTER(Proj)),
         *[(name, _P) for name in ("w13", "s13", "w2", "s2")],
+        *[(name, _I) for name in ("hidden", "rotary", "qgate", "window", "slots", "act", "routing", "n_group")],
+        ("topk_group", _I),
+        *[(name, _F) for name in ("alpha", "limit", "scaling")],
+        *[(name, _P) for name in ("sinks", "b13", "b2", "correction")],
+        ("shared", ctypes.POINTER(Proj)),
+        ("linear", ctypes.POINTER(LinearArgs)),
     ]
 
 
@@ -115,7 +132,7 @@ class AbiField(ctypes.Structure):
     _fields_ = [("name", ctypes.c_char_p), ("offset", _I), ("size", _I)]
 
 
-MIRRORS = (Proj, BlockArgs)  # the structs shared with native.h (named as there), in moerag_abi's order
+MIRRORS = (Proj, LinearArgs, BlockArgs)  # the structs shared with native.h (named as there), in moerag_abi's order
 
 
 def _layout(mirrors: tuple[type[ctypes.Structure], ...]) -> list[tuple[str, int, int]]:
@@ -167,8 +184,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.moerag_gemv.argtypes = [ctypes.c_int, _I, _I, _I, _I, _P, _P, _P, _P]
     lib.moerag_moe.argtypes = [ctypes.c_int, ctypes.c_int, _I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _P]
     lib.moerag_attention.argtypes = [_I, _I, _I, _I, _I, _I, _P, _P, _P, _P, _F, _P, _P, _P, _P, _F, _P]
-    lib.moerag_blocks.argtypes = [_P, _I, _I, _I, _I, _P, _P, _P, _P, _P, _F]
-    for fn in (lib.moerag_gemv, lib.moerag_moe, lib.moerag_attention, lib.moerag_blocks):
+    lib.moerag_blocks.argtypes = [_P, _I, _I, _I, _P, _P, _P, _P, _P, _F]
+    lib.moerag_linear.argtypes = [_P, _I, _P, _P, _P, _P]
+    for fn in (lib.moerag_gemv, lib.moerag_moe, lib.moerag_attention, lib.moerag_blocks, lib.moerag_linear):
         fn.restype = ctypes.c_int  # MOERAG_OK or MOERAG_NO_MEMORY (see _check)
     lib.moerag_dequantize.argtypes, lib.moerag_dequantize.restype = [ctypes.c_int, _I, _I, _I, _P, _P, _P], None
     lib.moerag_rmsnorm.argtypes, lib.moerag_rmsnorm.restype = [_I, _I, _P, _P, _F, _P], None
@@ -313,6 +331,12 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, lib: ctypes.CD
     return out
 
 
+def parts(m: torch.nn.Module) -> tuple:
+    """(weight, scale, bias, fp8 block, GGUF format) of a linear module of any stored form: what
+    `projections` reads of it."""
+    return m.weight, getattr(m, "scale", None), m.bias, getattr(m, "block", None), getattr(m, "format", None)
+
+
 def projections(layers: list[tuple]) -> tuple[ctypes.Array, list]:
     """(weight, scale, bias), optionally + (fp8 block, format) per projection -> (a Proj array, the
     tensors it points into, to keep alive)."""
@@ -366,12 +390,18 @@ class Stack:
     def __init__(self, blocks: list[BlockArgs], caches: list[list[torch.Tensor]], first: int = 0) -> None:
         self.first = first  # the first block's index in the model
         self.args = (BlockArgs * len(blocks))(*blocks)  # copies of the structs; `blocks` keeps their tensors
+        full = []  # the cache lengths of full attention: a position past one is refused
+        for args, entry in zip(self.args, caches, strict=True):
+            if not args.linear:
+                args.slots = entry[0].shape[2]  # a sliding window's cache holds only its window
+                if not args.window:
+                    full.append(args.slots)
         self.blocks = blocks
         self.caches = caches
         pointers = ctypes.c_void_p * len(blocks)
         self.k = pointers(*(c[0].data_ptr() for c in caches))
         self.v = pointers(*(c[1].data_ptr() for c in caches))
-        self.smax = caches[0][0].shape[2]
+        self.smax = min(full, default=None)
 
 
 def blocks(
@@ -387,10 +417,11 @@ def blocks(
     """One decode step of every block in `stack` (attention + softmax-routed experts each, see
     decode_block in native.c): x [B, H] fp32 -> new x; each block's new key and value go into its cache."""
     lib = lib or library()
-    _check_position(position, stack.smax)
+    if stack.smax is not None:
+        _check_position(position, stack.smax)
     x = x.contiguous().clone()  # updated in place by the kernel
     status = lib.moerag_blocks(
-        stack.args, len(stack.blocks), x.shape[0], position, stack.smax, x.data_ptr(), cos.data_ptr(),
+        stack.args, len(stack.blocks), x.shape[0], position, x.data_ptr(), cos.data_ptr(),
         sin.data_ptr(), stack.k, stack.v, scale,
     )  # fmt: skip
     _check(status, "moerag_blocks")

@@ -63,16 +63,18 @@ static float dot_f32_generic(const float *w, const float *x, int64_t k) {
 
 typedef float (*DotF32)(const float *w, const float *x, int64_t k);
 
-/* o [D] = softmax(q k^T * scale) v for one query head over s positions of its key head's caches
- * k, v [S, D], one position at a time with the build's fp32 dot product; p [S] is scratch. */
+/* o [D] = softmax(q k^T * scale, sink) v for one query head over s positions of its key head's
+ * caches k, v [S, D], one position at a time with the build's fp32 dot product; p [S] is scratch.
+ * The softmax also holds `sink`, a logit that carries no value (gpt-oss; -INFINITY: none). */
 static inline void attend_positions(const float *q, const float *k, const float *v, int64_t s, int64_t d, float scale,
-                                    float *p, float *o, DotF32 dot) {
-    float top = -INFINITY, total = 0.f;
+                                    float sink, float *p, float *o, DotF32 dot) {
+    float top = sink, total = 0.f;
     for (int64_t t = 0; t < s; t++) {
         p[t] = dot(k + t * d, q, d) * scale;
         top = fmaxf(top, p[t]);
     }
     for (int64_t t = 0; t < s; t++) total += (p[t] = expf(p[t] - top));
+    total += expf(sink - top); /* 0 without a sink */
     for (int64_t c = 0; c < d; c++) o[c] = 0.f;
     for (int64_t t = 0; t < s; t++) {
         float w = p[t] / total;
@@ -80,9 +82,9 @@ static inline void attend_positions(const float *q, const float *k, const float 
     }
 }
 
-TWIN void attend_generic(const float *q, const float *k, const float *v, int64_t s, int64_t d, float scale, float *p,
-                         float *o) {
-    attend_positions(q, k, v, s, d, scale, p, o, dot_f32_generic);
+TWIN void attend_generic(const float *q, const float *k, const float *v, int64_t s, int64_t d, float scale,
+                         float sink, float *p, float *o) {
+    attend_positions(q, k, v, s, d, scale, sink, p, o, dot_f32_generic);
 }
 
 /* Row `row` of each format against fp32 activations (see the layouts in native.c). */

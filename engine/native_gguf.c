@@ -174,13 +174,15 @@ static void mxfp4_dequantize_generic(const Weights *m, int64_t row, float *out) 
  * Q8_0: ~0.4 % error per element, as int4's), so the inner products run on integer SIMD and each
  * block or sub-block of 32 is scaled once. blk_scale [K/32] the scales, blk_sum16 [K/16] the sum of
  * each 16 rounded values (for the offset terms: q4_0's - 8 d sum(x), mxfp4's - 12, the K-quants'
- * mins, q6_k's - 32), then blk8 [K] in input order. Offsets take the rounded sums, as int4's zero
- * term does (native_simd.c): each block then computes exactly sum(w x^), the rounding errors meeting
- * the weights themselves. The portable kernels keep x in fp32, as int4's do: they are the plain
- * reference (tests compare models with transformers on them) and run where speed matters less. */
+ * mins, q6_k's - 32), then blk8 [2K]: [K] in input order, then [K] in pairs of blocks (mxfp4_rows'
+ * order: blocks 2j and 2j + 1 as [2j 0-15 | 2j+1 0-15 | 2j 16-31 | 2j+1 16-31]; a last odd block
+ * is left out). Offsets take the rounded sums, as int4's zero term does (native_simd.c): each block
+ * then computes exactly sum(w x^), the rounding errors meeting the weights themselves. The portable
+ * kernels keep x in fp32, as int4's do: they are the plain reference (tests compare models with
+ * transformers on them) and run where speed matters less. */
 static size_t blocks_act_bytes_avx2(int64_t k, int64_t group) {
     (void)group;
-    return sizeof(float) * (size_t)(k / 32) + sizeof(int16_t) * (size_t)(k / 16) + (size_t)k;
+    return sizeof(float) * (size_t)(k / 32) + sizeof(int16_t) * (size_t)(k / 16) + 2 * (size_t)k;
 }
 
 static void blocks_prepare_avx2(Act *a, const float *x, int64_t k, int64_t group) {
@@ -195,6 +197,13 @@ static void blocks_prepare_avx2(Act *a, const float *x, int64_t k, int64_t group
         a->blk_scale[c] = amax / 127.f;
         a->blk_sum16[2 * c] = (int16_t)round_i8(xc, inv, a->blk8 + 32 * c);
         a->blk_sum16[2 * c + 1] = (int16_t)round_i8(xc + 16, inv, a->blk8 + 32 * c + 16);
+    }
+    for (int64_t c = 0; c + 1 < k / 32; c += 2) {
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)(a->blk8 + 32 * c));
+        __m256i x1 = _mm256_loadu_si256((const __m256i *)(a->blk8 + 32 * c + 32));
+        __m256i *pair = (__m256i *)(a->blk8 + k + 32 * c);
+        _mm256_storeu_si256(pair, _mm256_permute2x128_si256(x0, x1, 0x20));
+        _mm256_storeu_si256(pair + 1, _mm256_permute2x128_si256(x0, x1, 0x31));
     }
 }
 
@@ -228,19 +237,6 @@ static inline __m256 f16_heads(const uint8_t *b, int bytes, int n) {
                                           (short)h[6], (short)h[7]));
 }
 
-/* The e8m0 byte at the start of each of n <= 8 blocks `bytes` apart, as 2^(e - 128) in fp32 (lanes
- * past n zero): half of e8m0_to_f32, for weights read as 2 * E2M1 (integers, see mxfp4_product).
- * e - 1 in the exponent field, but for e < 2 (subnormals: 0x200000 << e). */
-static inline __m256 e8m0_heads_half(const uint8_t *b, int bytes, int n) {
-    __m256i e = _mm256_setr_epi32(b[0], n > 1 ? b[bytes] : 0, n > 2 ? b[2 * bytes] : 0, n > 3 ? b[3 * bytes] : 0,
-                                  n > 4 ? b[4 * bytes] : 0, n > 5 ? b[5 * bytes] : 0, n > 6 ? b[6 * bytes] : 0,
-                                  n > 7 ? b[7 * bytes] : 0);
-    __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
-    __m256i tiny = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
-    __m256i bits = _mm256_blendv_epi8(tiny, normal, _mm256_cmpgt_epi32(e, _mm256_set1_epi32(1)));
-    return _mm256_and_ps(_mm256_castsi256_ps(bits), _mm256_castsi256_ps(lanes_below(n)));
-}
-
 /* The fp16 at p as fp32, with F16C's conversion (f16_at's arithmetic costs a dozen instructions). */
 static inline float f16c_at(const uint8_t *p) {
     uint16_t h;
@@ -267,12 +263,12 @@ static inline __m256i nibbles32(const uint8_t *qs) {
     return nibbles_low(_mm256_srlv_epi32(v, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)));
 }
 
-/* One row at a time: reading four rows per activation load, as int4_rows does, measured up to 20 %
- * slower and never faster for any block type (one thread on weights in L2, two on 256 MiB from
- * memory): these kernels are bound by their instructions, not by loads, and four rows want more
- * registers than there are. */
+/* One row at a time but for mxfp4 (mxfp4_rows): reading four rows per activation load, as int4_rows
+ * does, measured up to 20 % slower and never faster for these kernels (one thread on weights in L2,
+ * two on 256 MiB from memory): they are bound by their instructions, not by loads, and four rows
+ * want more registers than there are. */
 
-/* The blocks of 32 inputs (q8_0, q4_0, mxfp4): eight blocks' scales at a time, as one vector,
+/* The blocks of 32 inputs (q8_0, q4_0): eight blocks' scales at a time, as one vector,
  * times the activations' (scale lane i = d_i xs_i); each block's integer products scaled once. */
 
 /* A block's weights times its 32 int8 activations x, as 16 int16 sums of adjacent pairs (lanes 0-7:
@@ -289,16 +285,6 @@ static inline __m256i q8_0_pairs(const uint8_t *b, __m256i x) {
 /* q4_0's q in 0..15, the - 8 an offset (each sum <= 2 * 15 * 127). */
 static inline __m256i q4_0_pairs(const uint8_t *b, __m256i x) { return _mm256_maddubs_epi16(nibbles32(b + 2), x); }
 
-/* Twice an e2m1 value is an integer in -12..12 (ggml's idea), here read plus 12 (0..24, unsigned
- * as maddubs wants its first operand) from a table by one byte shuffle: the - 12 is an offset like
- * q4_0's - 8 (which saves q8_0's two sign instructions), and the block's scale is 2^(e - 128).
- * Each sum <= 2 * 24 * 127. */
-static inline __m256i mxfp4_pairs(const uint8_t *b, __m256i x) {
-    const __m256i table = _mm256_setr_epi8(12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0, /* both halves */
-                                           12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0);
-    return _mm256_maddubs_epi16(_mm256_shuffle_epi8(table, nibbles32(b + 1)), x);
-}
-
 /* Four blocks' (or sub-blocks') pair sums m[0..3] (each sum of four <= 32767) as 8 fp32 lanes
  * [b0 b1 b2 b3] (inputs 0-15) then [b0 b1 b2 b3] (16-31): two horizontal adds and one conversion
  * for four, to meet a scale vector holding the four blocks' scales in both halves. */
@@ -309,8 +295,8 @@ static inline __m256 quad_sums(const __m256i m[4]) {
 
 /* acc[0] + acc[1] += n <= 8 consecutive blocks (block c on, `bytes` apart) against the
  * activations, block i scaled by d_i xs_i, and *off += d_i xs_i sum(x^)_i when the type has an
- * offset. A compile-time n unrolls it. With `quads` (four blocks' pair sums fit in int16: q4_0,
- * mxfp4), a full group goes four blocks at a time through quad_sums, one FMA for four (measured
+ * offset. A compile-time n unrolls it. With `quads` (four blocks' pair sums fit in int16: q4_0),
+ * a full group goes four blocks at a time through quad_sums, one FMA for four (measured
  * +12-16 %). Else each block is converted and scaled on its own, two accumulators for independent
  * FMA chains. */
 static inline __attribute__((always_inline)) void blocks32(const uint8_t *q, int64_t c, const Act *a, int bytes,
@@ -370,8 +356,145 @@ static float q4_0_dot_avx2(const Weights *m, int64_t row, const Act *a) {
     return dot32(m, row, a, 18, f16_heads, -8.f, q4_0_pairs, 1);
 }
 
+/* mxfp4, ROWS rows at a time: twice an e2m1 value is an integer in -12..12 (ggml's idea), here read
+ * plus 12 (0..24, unsigned as the integer products want their first operand) from a table by one
+ * byte shuffle; the - 12 is an offset like q4_0's - 8, and a block's scale 2^(e - 128). Blocks go in
+ * pairs: one 32-byte register holds two blocks' nibbles, so their low and their high nibbles are
+ * one mask each and meet the activations' pair order (blocks_prepare_avx2), and the pair's products
+ * are converted and scaled together. At K = 384 and 1024 (12 and 32 blocks a row) shuffles bound
+ * the kernel (measured on Zen 4, weights in L2, cycles a row at K = 384 / 1024 / 4096: 50 / 96 /
+ * 304 with a block a register, its nibbles broadcast and shifted apart, four blocks summed by
+ * horizontal adds; 36 / 75 / 270 in pairs), and reading the rows together shares the activations'
+ * loads, scales and sums among them. */
+
+static const int8_t E2M1_2X[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0}; /* 2 e2m1 + 12 */
+
+/* A block's 16 bytes of nibbles as its 32 weights' 2 e2m1 + 12, in input order (a last odd block). */
+static inline __m256i mxfp4_codes(const uint8_t *qs) {
+    return _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_2X)), nibbles32(qs));
+}
+
+/* sum(q x) of a pair of blocks as 8 int32 lanes (0-3 the first block, 4-7 the second): lo / hi their
+ * low / high nibbles' codes, x0 / x1 the activations they meet (each pair sum <= 2 * 24 * 127, the
+ * two halves' sum fits int16). */
+static inline __m256i pair_dot(__m256i lo, __m256i x0, __m256i hi, __m256i x1) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, x0), hi, x1);
+#else
+    __m256i sums = _mm256_add_epi16(_mm256_maddubs_epi16(lo, x0), _mm256_maddubs_epi16(hi, x1));
+    return _mm256_madd_epi16(sums, _mm256_set1_epi16(1));
+#endif
+}
+
+/* xs_i 2^(e_i - 128) for the e8m0 bytes e_i at the start of n <= 8 blocks 17 bytes apart, xs the
+ * activations' scales (lanes past n zero in xs). */
+static inline __m256 mxfp4_scales(const uint8_t *b, __m256 xs, int n) {
+#if defined(__AVX512VBMI__) && defined(__AVX512VL__)
+    /* the 8 bytes picked from 128 by one byte permute, not eight scalar loads and inserts; masked
+     * loads stay inside the row's last blocks */
+    int len = n == 8 ? 128 : 17 * (n - 1) + 1;
+    __mmask64 lo = len >= 64 ? ~0ull : (1ull << len) - 1, hi = len > 64 ? ~0ull >> (128 - len) : 0;
+    const __m512i at = _mm512_castsi128_si512(_mm_setr_epi8(0, 17, 34, 51, 68, 85, 102, 119, 0, 0, 0, 0, 0, 0, 0, 0));
+    __m512i bytes = _mm512_permutex2var_epi8(_mm512_maskz_loadu_epi8(lo, b), at, _mm512_maskz_loadu_epi8(hi, b + 64));
+    __m256i e = _mm256_cvtepu8_epi32(_mm512_castsi512_si128(bytes));
+    return _mm256_scalef_ps(xs, _mm256_cvtepi32_ps(_mm256_sub_epi32(e, _mm256_set1_epi32(128)))); /* exact */
+#else
+    /* e - 1 in fp32's exponent field, but for e < 2 (subnormals: 0x200000 << e); lanes past n zeroed
+     * before the product, as a subnormal operand costs a microcode assist (K = 384: 1.4x the row) */
+    __m256i e = _mm256_setr_epi32(b[0], n > 1 ? b[17] : 0, n > 2 ? b[34] : 0, n > 3 ? b[51] : 0, n > 4 ? b[68] : 0,
+                                  n > 5 ? b[85] : 0, n > 6 ? b[102] : 0, n > 7 ? b[119] : 0);
+    __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+    __m256i tiny = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
+    __m256i bits = _mm256_blendv_epi8(tiny, normal, _mm256_cmpgt_epi32(e, _mm256_set1_epi32(1)));
+    return _mm256_mul_ps(_mm256_and_ps(_mm256_castsi256_ps(bits), _mm256_castsi256_ps(lanes_below(n))), xs);
+#endif
+}
+
+/* Blocks c..c+n-1 (c even, n <= 8; a compile-time n unrolls it) of R rows rb bytes apart: acc[r] +=
+ * each block's sum(q x^) d xs, off[r] += d xs sum(x^) per block. */
+static inline __attribute__((always_inline)) void mxfp4_group(const uint8_t *q, int64_t rb, int64_t k, int64_t c,
+                                                              const Act *a, __m256 acc[][2], __m256 *off, const int R,
+                                                              const int n) {
+    const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_2X));
+    __m256 xs = act_scales(a, c, n), xsum = act_sums(a, c, n), scale[ROWS];
+    for (int r = 0; r < R; r++) {
+        const uint8_t *b = q + r * rb + 17 * c;
+        for (int at = 0; at < 17 * n; at += 64) _mm_prefetch((const char *)b + AHEAD + at, _MM_HINT_T0);
+        scale[r] = mxfp4_scales(b, xs, n);
+        off[r] = _mm256_fmadd_ps(scale[r], xsum, off[r]);
+    }
+    int i = 0;
+    for (; i + 2 <= n; i += 2) {
+        const int8_t *x = a->blk8 + k + 32 * (c + i);
+        __m256i x0 = _mm256_loadu_si256((const __m256i *)x), x1 = _mm256_loadu_si256((const __m256i *)(x + 32));
+        __m256i at = _mm256_setr_epi32(i, i, i, i, i + 1, i + 1, i + 1, i + 1); /* the pair's scales */
+        for (int r = 0; r < R; r++) {
+            const uint8_t *b = q + r * rb + 17 * (c + i) + 1;
+            __m256i w = _mm256_loadu2_m128i((const __m128i *)(b + 17), (const __m128i *)b);
+#if defined(__GFNI__) /* w >> 4 per byte as one GF(2) bit-matrix map, not a shift and a mask (measured -4 %) */
+            __m256i high = _mm256_gf2p8affine_epi64_epi8(w, _mm256_set1_epi64x(0x1020408000000000ll), 0);
+#else
+            __m256i high = nibbles_high(w);
+#endif
+            __m256i lo = _mm256_shuffle_epi8(table, nibbles_low(w)), hi = _mm256_shuffle_epi8(table, high);
+            __m256 p = _mm256_cvtepi32_ps(pair_dot(lo, x0, hi, x1));
+            acc[r][i / 2 % 2] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(scale[r], at), acc[r][i / 2 % 2]);
+        }
+    }
+    if (i < n) { /* a row's last odd block, in input order */
+        __m256i x = _mm256_loadu_si256((const __m256i *)(a->blk8 + 32 * (c + i)));
+        for (int r = 0; r < R; r++) {
+            __m256 p = _mm256_cvtepi32_ps(dot_u8(mxfp4_codes(q + r * rb + 17 * (c + i) + 1), x));
+            acc[r][0] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(scale[r], _mm256_set1_epi32(i)), acc[r][0]);
+        }
+    }
+}
+
+/* out[r] = row r . a for R rows rb bytes apart, the first at q. */
+static inline __attribute__((always_inline)) void mxfp4_rows(const uint8_t *q, int64_t rb, int64_t k, const Act *a,
+                                                             float *out, const int R) {
+    __m256 acc[ROWS][2], off[ROWS];
+    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = off[r] = _mm256_setzero_ps();
+    int64_t blocks = k / 32, c = 0;
+    for (; c + 8 <= blocks; c += 8) mxfp4_group(q, rb, k, c, a, acc, off, R, 8);
+    if (c + 4 <= blocks) { /* a compile-time half group too: K = 384 is 12 blocks */
+        mxfp4_group(q, rb, k, c, a, acc, off, R, 4);
+        c += 4;
+    }
+    if (c < blocks) mxfp4_group(q, rb, k, c, a, acc, off, R, (int)(blocks - c));
+    for (int r = 0; r < R; r++)
+        out[r] = hsum8(_mm256_fmadd_ps(off[r], _mm256_set1_ps(-12.f), _mm256_add_ps(acc[r][0], acc[r][1])));
+}
+
 static float mxfp4_dot_avx2(const Weights *m, int64_t row, const Act *a) {
-    return dot32(m, row, a, 17, e8m0_heads_half, -12.f, mxfp4_pairs, 1);
+    float v;
+    mxfp4_rows(block_row(m, row, 32, 17), 0, m->k, a, &v, 1);
+    return v;
+}
+
+/* Rows together for short rows, where AVX-512VL gives 32 vector registers (measured, weights in L2:
+ * four rows 17 % faster than one at K = 384, 6 % at 1024, 8 % slower at 4096; with AVX2's 16
+ * registers four rows' accumulators spill, 5-15 % slower at every K). */
+static int mxfp4_together_avx2(const Weights *m) {
+#if defined(__AVX512VL__)
+    return m->k < 2048;
+#else
+    (void)m;
+    return 0;
+#endif
+}
+
+static void mxfp4_rows_avx2(const Weights *m, int64_t row, int64_t gap, int64_t n, const Act *a, float *out) {
+    const uint8_t *q = block_row(m, row, 32, 17);
+    int64_t rb = gap * (m->k / 32) * 17;
+    float v[ROWS];
+    switch (n) {
+        case 4: mxfp4_rows(q, rb, m->k, a, v, 4); break;
+        case 3: mxfp4_rows(q, rb, m->k, a, v, 3); break;
+        case 2: mxfp4_rows(q, rb, m->k, a, v, 2); break;
+        default: mxfp4_rows(q, rb, m->k, a, v, 1);
+    }
+    for (int64_t r = 0; r < n; r++) out[r * gap] = v[r];
 }
 
 /* Every cache line of a K-quant block, AHEAD bytes on: one prefetch per block (144-210 bytes) left

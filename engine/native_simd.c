@@ -609,14 +609,14 @@ static inline __m256 dots8(const float *k, const float *q, int64_t d) {
 
 /* attend_generic's o [D] for D a multiple of 8: scores 8 positions at a time, vector exp, then o 8
  * channels at a time (other D: one position at a time). */
-static void attend_avx2(const float *q, const float *kc, const float *vc, int64_t s, int64_t d, float scale, float *p,
-                        float *o) {
+static void attend_avx2(const float *q, const float *kc, const float *vc, int64_t s, int64_t d, float scale,
+                        float sink, float *p, float *o) {
     if (d % 8) {
-        attend_positions(q, kc, vc, s, d, scale, p, o, dot_f32_avx2);
+        attend_positions(q, kc, vc, s, d, scale, sink, p, o, dot_f32_avx2);
         return;
     }
     __m256 vscale = _mm256_set1_ps(scale), vtop = _mm256_set1_ps(-INFINITY);
-    float top = -INFINITY, total;
+    float top = sink, total;
     int64_t t = 0;
     for (; t + 8 <= s; t += 8) {
         __m256 v = _mm256_mul_ps(dots8(kc + t * d, q, d), vscale);
@@ -631,7 +631,7 @@ static void attend_avx2(const float *q, const float *kc, const float *vc, int64_
         _mm256_storeu_ps(p + t, e);
         sum = _mm256_add_ps(sum, e);
     }
-    total = hsum8(sum);
+    total = hsum8(sum) + expf(sink - top); /* a sink adds to the softmax's sum alone */
     for (; t < s; t++) total += (p[t] = expf(p[t] - top));
     __m256 inv = _mm256_set1_ps(1.f / total);
     int64_t c = 0;

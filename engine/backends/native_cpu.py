@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from engine import native
-from engine.layers import Attention, RMSNorm
-from engine.moe import SoftmaxRouter, SparseMoe
+from engine.layers import MLP, Attention, RMSNorm
+from engine.moe import RoutedMoe, SharedExpertMoe, SigmoidGroupRouter, SoftmaxRouter, SparseMoe, stored
 from engine.qmatmul import SMALL_M
 from kernels.formats import FORMATS, Format
 
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class _Attention:
-    """What native.attention reads of one Attention module (`keep`: the tensors `projs` points into)."""
+    """What the kernels read of one attention module (`keep`: the tensors `projs` points into).
+    `plain` ones (whole heads rotated, no gate, window or sinks) also run through native.attention."""
 
     projs: ctypes.Array  # q, k, v, o as native.Proj
     keep: list
@@ -39,12 +40,20 @@ class _Attention:
     q_norm: torch.Tensor | None  # [D] fp32 (Qwen3), else None
     k_norm: torch.Tensor | None
     qk_eps: float
+    rotary: int  # the first dims of each head RoPE turns
+    qgate: bool  # q_proj gives each head D query then D gate values (Qwen3-Next's gated attention)
+    window: int  # a sliding window (gpt-oss), 0 for none
+    sinks: torch.Tensor | None  # [N] fp32 (gpt-oss)
+
+    @property
+    def plain(self) -> bool:
+        return self.rotary == self.head_dim and not self.qgate and not self.window and self.sinks is None
 
 
 @dataclass
 class _Block:
-    """One decoder block's native parts: its norms [H] in fp32, its attention when native.attention
-    reads it, and its whole description when native.blocks does (`keep`: what that points into)."""
+    """One decoder block's native parts: its norms [H] in fp32, its attention when the kernels read
+    it, and its whole description when native.blocks does (`keep`: what that points into)."""
 
     in_norm: torch.Tensor
     in_eps: float
@@ -60,30 +69,35 @@ def _fp32(norm: RMSNorm) -> torch.Tensor:
 
 
 def _attention(attn: nn.Module) -> _Attention | None:
-    """attn for native.attention, or None when it is another kind of attention (DeepSeek's latent
-    one, OLMoE's whole-projection q/k norms and clipping, GLM's partial rotary), a projection is in a layout the kernels do not read (fp16), or q, k and v differ in
-    layout (format or group: e.g. one stayed float under int4; they share one prepared input)."""
-    if (
-        not isinstance(attn, Attention)
-        or not attn.qk_norm_per_head
-        or attn.clip_qkv is not None
-        or attn.rotary_dim != attn.head_dim
-    ):
-        return None  # the kernel norms q and k per head, clips nothing and rotates whole heads
-    modules = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)
-    # (weight, scale, bias, fp8 block, GGUF format): what a module stores beyond its dtype
-    layers = [
-        (m.weight, getattr(m, "scale", None), m.bias, getattr(m, "block", None), getattr(m, "format", None))
-        for m in modules
-    ]
+    """attn for the kernels, or None when it is another kind of attention (DeepSeek's latent one,
+    OLMoE's whole-projection q/k norms and clipping), a projection is in a layout the kernels do not
+    read (fp16), or q, k and v differ in layout (format or group: e.g. one stayed float under int4;
+    they share one prepared input)."""
+    from engine.models.gpt_oss import SinkAttention  # the models import the decoder, which imports this
+    from engine.models.qwen3_next import GatedAttention
+
+    if isinstance(attn, Attention):
+        if not attn.qk_norm_per_head or attn.clip_qkv is not None:
+            return None  # the kernel norms q and k per head and clips nothing
+        rotary, qgate, window, sinks = attn.rotary_dim, False, 0, None
+    elif isinstance(attn, SinkAttention):
+        rotary, qgate, window, sinks = attn.head_dim, False, attn.window or 0, attn.sinks.float().contiguous()
+    elif isinstance(attn, GatedAttention):
+        rotary, qgate, window, sinks = attn.rotary_dim, True, 0, None
+    else:
+        return None
+    layers = [native.parts(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)]
     if not all(native.supports(w, fmt) for w, *_, fmt in layers):
         return None
     if len({_input_kind(*layer) for layer in layers[:3]}) > 1:
         return None
     projs, keep = native.projections(layers)
-    norms = [None if n is None else _fp32(n) for n in (attn.q_norm, attn.k_norm)]
-    eps = 0.0 if attn.q_norm is None else attn.q_norm.eps
-    return _Attention(projs, keep, attn.heads, attn.kv_heads, attn.head_dim, *norms, eps)
+    q_norm, k_norm = (getattr(attn, name, None) for name in ("q_norm", "k_norm"))
+    norms = [None if n is None else _fp32(n) for n in (q_norm, k_norm)]
+    eps = 0.0 if q_norm is None else q_norm.eps
+    return _Attention(
+        projs, keep + [sinks], attn.heads, attn.kv_heads, attn.head_dim, *norms, eps, rotary, qgate, window, sinks
+    )
 
 
 def _input_kind(
@@ -95,39 +109,133 @@ def _input_kind(
     return "gguf" if FORMATS[code].block else (code, group)
 
 
+def _mixer(block: nn.Module, attention: _Attention | None) -> tuple[dict, list] | None:
+    """The BlockArgs fields of a block's token mixer and what they point into, or None when the
+    kernels do not read it: attention, or a Gated DeltaNet (Qwen3-Next, Qwen3.5)."""
+    from engine.backends import native_linear
+    from engine.models.qwen3_next import GatedDeltaNet
+
+    if isinstance(block.self_attn, GatedDeltaNet):
+        described = native_linear.describe(block.self_attn)
+        if described is None:
+            return None
+        args, keep = described
+        return {"linear": ctypes.pointer(args)}, [args, keep]
+    a = attention
+    if a is None:
+        return None
+    fields = dict(
+        heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, attn=a.projs, qnorm=native.address(a.q_norm),
+        knorm=native.address(a.k_norm), qk_eps=a.qk_eps, rotary=a.rotary, qgate=int(a.qgate), window=a.window,
+        sinks=native.address(a.sinks),
+    )  # fmt: skip
+    return fields, []
+
+
+def _dense(mlp: MLP, gate: nn.Module | None) -> tuple[ctypes.Array, list] | None:
+    """BlockArgs.shared for a dense SwiGLU MLP ({gate_proj, up_proj, down_proj, its sigmoid gate or
+    none}) and what it points into, or None when a projection is in a layout the kernels do not read."""
+    modules = [mlp.gate_proj, mlp.up_proj, mlp.down_proj] + ([] if gate is None else [gate])
+    layers = [native.parts(m) for m in modules]
+    if not all(native.supports(w, fmt) for w, *_, fmt in layers):
+        return None
+    projs, keep = native.projections(layers)
+    if gate is None:  # the fourth Proj stays zeroed: no gate
+        projs, keep = (native.Proj * 4)(*projs), [projs, keep]
+    return projs, keep
+
+
+def _router(mlp: nn.Module) -> tuple[dict, list] | None:
+    """(the router's BlockArgs fields, what they point into) for the routings the kernel knows: a
+    softmax over all experts (Qwen, Mixtral), gpt-oss's over the top-k logits with a bias (the same
+    thing, renormalized), DeepSeek-V3's grouped sigmoid (GLM-4.5, dots1, ...); else None."""
+    from engine.models.gpt_oss import BiasRouter
+
+    router = getattr(mlp, "gate", None) or getattr(mlp, "router", None)
+    keep: list = []
+    if isinstance(router, BiasRouter):
+        fields, bias = {"renormalize": 1}, router.bias
+    elif isinstance(router, SoftmaxRouter):
+        fields, bias = {"renormalize": int(router.renormalize)}, None
+    elif isinstance(router, SigmoidGroupRouter) and router.topk_group <= 64:  # route_grouped's limit
+        correction = router.e_score_correction_bias.float().contiguous()
+        fields, bias = {
+            "routing": 1, "renormalize": int(router.renormalize), "n_group": router.n_group,
+            "topk_group": router.topk_group, "scaling": router.scaling, "correction": correction.data_ptr(),
+        }, None  # fmt: skip
+        keep.append(correction)
+    else:
+        return None
+    if router.weight.dtype not in (torch.float32, torch.bfloat16) or not native.supports(router.weight):
+        return None
+    proj, more = native.projections([(router.weight, None, bias)])
+    fields.update(experts=router.weight.shape[0], topk=router.top_k, router=proj)
+    return fields, keep + [proj, more]
+
+
+def _mlp(mlp: nn.Module) -> tuple[dict, list] | None:
+    """The BlockArgs fields of a block's MLP and what they point into, or None when the kernels do
+    not read it: routed experts (with gpt-oss's biases and activation) behind a router `_router`
+    knows, plus a shared expert (gated as in Qwen2-MoE, or not), or a dense MLP alone."""
+    from engine.models.gpt_oss import GptOssMoe
+
+    if isinstance(mlp, MLP):
+        shared = _dense(mlp, None)
+        return None if shared is None else ({"shared": shared[0]}, [shared])
+    if not isinstance(mlp, (SparseMoe, SharedExpertMoe, RoutedMoe, GptOssMoe)):
+        return None
+    routing = _router(mlp)
+    experts = mlp.experts
+    (w13, s13, block, f13), (w2, s2, _, f2) = (
+        stored(experts, "gate_up"),
+        stored(experts, "down"),
+    )  # [E, 2I, H], [E, H, I]
+    if (
+        routing is None
+        or experts.backend != "cpu"
+        or w13.dtype != w2.dtype
+        or not (native.supports(w13, f13) and native.supports(w2, f2))
+    ):
+        return None
+    fields, keep = routing
+    fmt, _, group = native.layout(w13, s13, block, f13)
+    fmt2, _, group2 = native.layout(w2, s2, block, f2)  # Q4_K_M files keep down in another type
+    fields.update(
+        fmt=fmt, inter=w13.shape[1] // 2, group=group, fmt2=fmt2, group2=group2, w13=w13.data_ptr(),
+        s13=native.address(s13), w2=w2.data_ptr(), s2=native.address(s2),
+    )  # fmt: skip
+    keep += [w13, s13, w2, s2]
+    if isinstance(mlp, GptOssMoe):
+        b13, b2 = mlp.gate_up_bias.float().contiguous(), mlp.down_bias.float().contiguous()
+        fields.update(act=1, alpha=mlp.alpha, limit=mlp.limit, b13=b13.data_ptr(), b2=b2.data_ptr())
+        keep += [b13, b2]
+    shared = None
+    if isinstance(mlp, SharedExpertMoe):
+        shared = _dense(mlp.shared_expert, mlp.shared_expert_gate)
+    elif isinstance(mlp, RoutedMoe) and mlp.shared_experts is not None:
+        shared = _dense(mlp.shared_experts, None)
+    else:
+        return fields, keep
+    if shared is None:
+        return None
+    fields["shared"] = shared[0]
+    return fields, keep + [shared]
+
+
 def _fused(
     block: nn.Module, attention: _Attention | None, in_norm: torch.Tensor, post_norm: torch.Tensor
 ) -> tuple[native.BlockArgs | None, list]:
     """(native.BlockArgs, the tensors it points into) for a block native.blocks reads whole, else (None, [])."""
-    mlp = block.mlp
-    if attention is None or not (isinstance(mlp, SparseMoe) and isinstance(mlp.gate, SoftmaxRouter)):
+    if block.input_layernorm.eps != block.post_attention_layernorm.eps:  # the kernel takes one eps
         return None, []
-    experts, router = mlp.experts, mlp.gate
-    w13, w2 = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I]
-    f13, f2 = getattr(experts, "gate_up_format", None), getattr(experts, "down_format", None)  # GGUF blocks
-    if (
-        experts.backend != "cpu"
-        or block.input_layernorm.eps != block.post_attention_layernorm.eps  # the kernel takes one eps
-        or router.weight.dtype not in (torch.float32, torch.bfloat16)
-        or w13.dtype != w2.dtype
-        or not (native.supports(w13, f13) and native.supports(w2, f2) and native.supports(router.weight))
-    ):
+    mixer, mlp = _mixer(block, attention), _mlp(block.mlp)
+    if mixer is None or mlp is None:
         return None, []
-    s13, s2 = getattr(experts, "gate_up_scale", None), getattr(experts, "down_scale", None)
-    fp8_block = getattr(experts, "block", None)  # fp8 experts carry their block
-    fmt, _, group = native.layout(w13, s13, fp8_block, f13)
-    fmt2, _, group2 = native.layout(w2, s2, fp8_block, f2)  # Q4_K_M files keep down in another type
-    router_proj, router_keep = native.projections([(router.weight, None, None)])
-    a = attention
     args = native.BlockArgs(
-        heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, experts=router.weight.shape[0], topk=router.top_k,
-        renormalize=int(router.renormalize), fmt=fmt, inter=w13.shape[1] // 2, group=group, fmt2=fmt2,
-        group2=group2, attn=a.projs,
-        qnorm=native.address(a.q_norm), knorm=native.address(a.k_norm), in_norm=in_norm.data_ptr(),
-        post_norm=post_norm.data_ptr(), qk_eps=a.qk_eps, eps=block.input_layernorm.eps, router=router_proj,
-        w13=w13.data_ptr(), s13=native.address(s13), w2=w2.data_ptr(), s2=native.address(s2),
+        hidden=in_norm.shape[0], in_norm=in_norm.data_ptr(), post_norm=post_norm.data_ptr(),
+        eps=block.input_layernorm.eps, **mixer[0], **mlp[0],
     )  # fmt: skip
-    return args, [router_proj, router_keep, w13, s13, w2, s2]
+    return args, [mixer[1], mlp[1]]
 
 
 def _describe(block: nn.Module) -> _Block:
@@ -151,6 +259,8 @@ class NativeCPU:
         self.layers = layers  # decoder.Block each
         self.fuse = fuse  # False: every block by itself, the reference for the fused block kernel
         self.blocks = [_describe(block) for block in layers]
+        dims = {b.attention.head_dim for b in self.blocks if b.attention is not None}
+        self.scale = min(dims, default=1) ** -0.5  # attention's; a model's attention blocks share D
 
     @staticmethod
     def fits(x: torch.Tensor) -> bool:
@@ -171,8 +281,7 @@ class NativeCPU:
         x = x.view(shape[0], -1)  # [B, H]
         for part in self._plan(cache):
             if isinstance(part, native.Stack):
-                scale = self.blocks[part.first].attention.head_dim ** -0.5  # a model's blocks share D
-                x = native.blocks(part, x, position=start, cos=cos, sin=sin, scale=scale)
+                x = native.blocks(part, x, position=start, cos=cos, sin=sin, scale=self.scale)
             else:
                 x = self._block(part, x, cos, sin, cache[part], start)
         return x.view(shape)
@@ -207,7 +316,7 @@ class NativeCPU:
         module, block, b = self.layers[i], self.blocks[i], x.shape[0]
         h = native.rmsnorm(x, block.in_norm, block.in_eps)  # [B, H]
         a = block.attention
-        if a is not None and cache[0].dtype == torch.float32:
+        if a is not None and a.plain and cache[0].dtype == torch.float32:
             attn = native.attention(
                 h, a.projs, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, position=start,
                 q_norm=a.q_norm, k_norm=a.k_norm, eps=a.qk_eps, cos=cos, sin=sin, k_cache=cache[0],

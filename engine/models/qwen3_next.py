@@ -222,7 +222,7 @@ class GatedAttention(nn.Module):
     def __init__(self, args: Qwen3NextArgs) -> None:
         super().__init__()
         h, n, gkv, d = args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim
-        self.heads, self.kv_heads, self.head_dim = n, gkv, d  # RoPE covers cos's width (args.rotary_dim)
+        self.heads, self.kv_heads, self.head_dim, self.rotary_dim = n, gkv, d, args.rotary_dim
         self.q_proj = linear(h, n * d * 2)
         self.k_proj = linear(h, gkv * d)
         self.v_proj = linear(h, gkv * d)

@@ -247,19 +247,19 @@ def _mirror(name: str, fields: list[tuple]) -> type[ctypes.Structure]:
 
 _PROJ, _BLOCK = native.Proj._fields_, native.BlockArgs._fields_
 _SWAPPED = {"w13": "w2", "w2": "w13"}
-_BLOCK_BYTES, _W13 = ctypes.sizeof(native.BlockArgs), native.BlockArgs.w13.offset  # 160, 128 on 64-bit machines
+_BLOCK_BYTES, _W13 = ctypes.sizeof(native.BlockArgs), native.BlockArgs.w13.offset  # 160 + 96, 128 on 64-bit machines
 
 
 @pytest.mark.parametrize(
     "mirrors,formats,says",
     [
         (  # a field's type
-            (_mirror("Proj", [("fmt", ctypes.c_int32), *_PROJ[1:]]), native.BlockArgs),
+            (_mirror("Proj", [("fmt", ctypes.c_int32), *_PROJ[1:]]), native.LinearArgs, native.BlockArgs),
             None,
             "the library has Proj.fmt (offset 0, 8 bytes) where engine/native.py has Proj.fmt (offset 0, 4 bytes)",
         ),
         (  # a field left out
-            (native.Proj, _mirror("BlockArgs", [f for f in _BLOCK if f[0] != "renormalize"])),
+            (native.Proj, native.LinearArgs, _mirror("BlockArgs", [f for f in _BLOCK if f[0] != "renormalize"])),
             None,
             (
                 f"the library has BlockArgs (offset 0, {_BLOCK_BYTES} bytes) "
@@ -267,12 +267,16 @@ _BLOCK_BYTES, _W13 = ctypes.sizeof(native.BlockArgs), native.BlockArgs.w13.offse
             ),
         ),
         (  # two fields of one type in another order: only their names tell
-            (native.Proj, _mirror("BlockArgs", [(_SWAPPED.get(name, name), kind) for name, kind in _BLOCK])),
+            (
+                native.Proj,
+                native.LinearArgs,
+                _mirror("BlockArgs", [(_SWAPPED.get(name, name), kind) for name, kind in _BLOCK]),
+            ),
             None,
             f"the library has BlockArgs.w13 (offset {_W13}, 8 bytes) where engine/native.py has BlockArgs.w2 (offset {_W13}, 8 bytes)",
         ),
         (
-            (native.Proj,),
+            (native.Proj, native.LinearArgs),
             None,
             f"the library has BlockArgs (offset 0, {_BLOCK_BYTES} bytes) where engine/native.py has nothing",
         ),
@@ -311,7 +315,9 @@ HUGE = 1 << 50  # rows whose scratch (petabytes) no allocator can give
 
 def test_kernels_report_out_of_memory_instead_of_crashing(lib) -> None:
     projs, _keep = native.projections([(torch.randn(32, 64), None, None)] * 3 + [(torch.randn(64, 32), None, None)])
-    block = native.BlockArgs(heads=2, kv_heads=2, head_dim=16, experts=4, topk=1, router=projs)
+    block = native.BlockArgs(
+        heads=2, kv_heads=2, head_dim=16, experts=4, topk=1, router=projs, hidden=64, rotary=16, slots=1
+    )
     no_memory = 1  # MOERAG_NO_MEMORY in native.h
     assert lib.moerag_gemv(0, HUGE, 8, 32, 32, None, None, None, None) == no_memory
     assert lib.moerag_moe(3, 3, HUGE, 1, 64, 32, 32, 32, *[None] * 8) == no_memory
@@ -320,7 +326,7 @@ def test_kernels_report_out_of_memory_instead_of_crashing(lib) -> None:
     )
     assert attention == no_memory
     caches = (ctypes.c_void_p * 1)()  # one block's (NULL) cache pointer
-    assert lib.moerag_blocks(ctypes.byref(block), 1, HUGE, 0, 1, None, None, None, caches, caches, 1.0) == no_memory
+    assert lib.moerag_blocks(ctypes.byref(block), 1, HUGE, 0, None, None, None, caches, caches, 1.0) == no_memory
 
 
 def test_out_of_memory_in_a_kernel_is_an_engine_error() -> None:
@@ -341,7 +347,7 @@ def test_the_build_key_covers_every_file_native_c_includes() -> None:
 # The SIMD kernels read 32-input blocks in groups of eight, then four, then what is left: K = 320
 # is 8 + 2 blocks, 224 is 4 + 3, 288 is 8 + 1, 384 is 8 + 4.
 GGUF_CASES = [(Q8_0, 32), (Q8_0, 320), (Q4_0, 64), (Q4_0, 224), (Q4_0, 288), (Q4_K, 256), (Q4_K, 512), (Q6_K, 256),
-              (Q5_K, 512), (MXFP4, 32), (MXFP4, 384)]  # fmt: skip
+              (Q5_K, 512), (MXFP4, 32), (MXFP4, 224), (MXFP4, 288), (MXFP4, 384), (MXFP4, 2880)]  # fmt: skip
 
 
 def _blocks(fmt: Format, shape: tuple[int, ...], seed: int) -> torch.Tensor:
