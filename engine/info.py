@@ -72,15 +72,28 @@ def supported() -> dict[str, list[str]]:
     }
 
 
+def _moe_layers(net: torch.nn.Module) -> list[tuple[Experts, int]]:
+    """(routed experts, experts per token) of each MoE layer, the latter from its router's own top_k:
+    config.json names it differently per family (num_experts_per_tok, moe_k, moe_topk, per layer)."""
+    layers = []
+    for module in net.modules():
+        children = list(module.children())
+        experts = [c for c in children if isinstance(c, Experts)]
+        routers = [c for c in children if isinstance(getattr(c, "top_k", None), int)]
+        if experts and routers:
+            layers.append((experts[0], routers[0].top_k))
+    return layers
+
+
 def describe(path_or_id: str | Path) -> CheckpointInfo:
     directory, config, model_type, arch, args = read_architecture(path_or_id)
     with torch.device("meta"):
         net = arch.build(args)
     total = sum(p.numel() for p in net.parameters())
-    moe = [m for m in net.modules() if isinstance(m, Experts)]
-    experts = moe[0].gate_up_proj.shape[0] if moe else 0
-    top_k = int(config.get("num_experts_per_tok") or 0)
-    skipped = sum(m.gate_up_proj.numel() + m.down_proj.numel() for m in moe) * (experts - top_k) // max(experts, 1)
+    moe = _moe_layers(net)
+    experts = moe[0][0].gate_up_proj.shape[0] if moe else 0
+    top_k = moe[0][1] if moe else 0
+    skipped = sum((m.gate_up_proj.numel() + m.down_proj.numel()) * (experts - k) // experts for m, k in moe)
     quantization = stored_quantization(config, directory)
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     checkpoint_bytes = sum(p.stat().st_size for p in _shards(directory))

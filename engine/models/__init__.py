@@ -33,9 +33,15 @@ class Architecture:
 def _registry() -> dict[str, Architecture]:
     from engine.models import (
         deepseek_v3,
+        dots1,
+        ernie4_5_moe,
         glm4_moe,
+        glm4_moe_lite,
         gpt_oss,
+        granitemoe,
+        hunyuan_v1_moe,
         llama,
+        llama4_text,
         minimax_m2,
         mixtral,
         olmoe,
@@ -57,6 +63,12 @@ def _registry() -> dict[str, Architecture]:
         "mixtral": mixtral.ARCHITECTURE,
         "deepseek_v3": deepseek_v3.ARCHITECTURE,
         "deepseek_v2": deepseek_v3.ARCHITECTURE,  # the same blocks; DeepseekV3Args reads V2's routing
+        "ernie4_5_moe": ernie4_5_moe.ARCHITECTURE,
+        "glm4_moe_lite": glm4_moe_lite.ARCHITECTURE,
+        "hunyuan_v1_moe": hunyuan_v1_moe.ARCHITECTURE,
+        "dots1": dots1.ARCHITECTURE,
+        "granitemoe": granitemoe.ARCHITECTURE,
+        "llama4_text": llama4_text.ARCHITECTURE,
         "llama": llama.LLAMA,
         "qwen2": llama.QWEN2,
         "qwen3": llama.QWEN3,

@@ -52,6 +52,27 @@ def _random_correction_bias(model: nn.Module) -> None:
             buf.copy_(torch.randn_like(buf) * 0.5)
 
 
+def _random_biases_and_statics(model: nn.Module) -> None:
+    # transformers starts biases and ERNIE's correction bias (a parameter there) at zero, which would test nothing.
+    for name, p in model.named_parameters():
+        if name.endswith((".bias", "e_score_correction_bias")):
+            p.copy_(torch.randn_like(p) * 0.1)
+
+
+def _random_qk_norms_and_biases(model: nn.Module) -> None:
+    # Unit norm weights commute with RoPE (a rotation keeps each head's length): random ones tell
+    # a norm before RoPE from one after it.
+    _random_biases_and_statics(model)
+    for name, p in model.named_parameters():
+        if name.endswith(("query_layernorm.weight", "key_layernorm.weight")):
+            p.copy_(1 + torch.randn_like(p) * 0.3)
+
+
+def _random_biases_and_correction_bias(model: nn.Module) -> None:
+    _random_biases_and_statics(model)
+    _random_correction_bias(model)
+
+
 @dataclass(frozen=True)
 class Case:
     config_class: str
@@ -312,6 +333,137 @@ CASES: dict[str, Case] = {
             n_shared_experts=2,
         ),
     ),
+    # Biases everywhere (the tied head's too), a shared expert, a random correction bias, MoE on
+    # layers 1 and 3 only (interval 2), RoPE on interleaved pairs.
+    "ernie4_5_moe": Case(
+        "Ernie4_5_MoeConfig",
+        "Ernie4_5_MoeForCausalLM",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            moe_num_experts=8,
+            moe_k=2,
+            moe_num_shared_experts=1,
+            moe_layer_interval=2,
+            use_bias=True,
+            tie_word_embeddings=True,
+        ),
+        tweak=_random_biases_and_statics,
+    ),
+    # GLM-4.7-Flash's shape: DeepSeek-V3's blocks with dense layers listed per layer (0 and 2), two
+    # groups of four experts with one kept, two shared experts, no renormalization, a random
+    # correction bias.
+    "glm4_moe_lite": Case(
+        "Glm4MoeLiteConfig",
+        "Glm4MoeLiteForCausalLM",
+        dict(
+            _DEEPSEEK,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            num_hidden_layers=4,
+            mlp_layer_types=["dense", "sparse", "dense", "sparse"],
+            q_lora_rank=32,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=2,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.8,
+        ),
+        tweak=_random_correction_bias,
+    ),
+    # q/k normed after RoPE (random norm weights), biases, a top k per layer (2, 3, 1), NTK-alpha RoPE.
+    "hunyuan_v1_moe": Case(
+        "HunYuanMoEV1Config",
+        "HunYuanMoEV1ForCausalLM",
+        dict(
+            intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_experts=8,
+            moe_topk=[2, 3, 1],
+            attention_bias=True,
+            rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "factor": 1.0, "rope_theta": 10000.0},
+        ),
+        tweak=_random_qk_norms_and_biases,
+    ),
+    # Qwen3's attention with biases, a dense first layer, two groups of four experts with one kept,
+    # two shared experts, renormalized and scaled weights, a random correction bias.
+    "dots1": Case(
+        "Dots1Config",
+        "Dots1ForCausalLM",
+        dict(
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            attention_bias=True,
+        ),
+        tweak=_random_biases_and_correction_bias,
+    ),
+    # Every multiplier away from 1 (the attention one away from 1/sqrt(D) too), biases, a tied head.
+    "granitemoe": Case(
+        "GraniteMoeConfig",
+        "GraniteMoeForCausalLM",
+        dict(
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            attention_bias=True,
+            embedding_multiplier=3.0,
+            attention_multiplier=0.05,
+            residual_multiplier=0.4,
+            logits_scaling=2.5,
+            tie_word_embeddings=True,
+        ),
+        tweak=_random_biases_and_statics,
+    ),
+    # Two experts per token (scores scaling their inputs) beside a shared expert on layers 1 and 3;
+    # chunks of 8 positions on the RoPE layers (llama3-scaled, interleaved pairs, L2-normed q/k);
+    # layer 3 without RoPE, its temperature stepping every 4 positions.
+    "llama4_text": Case(
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        dict(
+            intermediate_size=32,
+            intermediate_size_mlp=96,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            interleave_moe_layer_step=2,
+            attention_chunk_size=8,
+            floor_scale=4,
+            attn_scale=0.5,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
     "llama": Case(
         "LlamaConfig",
         "LlamaForCausalLM",
@@ -390,7 +542,9 @@ def add_tokenizer(directory: Path) -> Path:
 class RoutingRecorder:
     """Collects the expert ids [T, K] each router returns, in call order, via forward hooks.
 
-    Works on transformers' routers (output: logits, weights, ids) and ours (output: weights, ids).
+    Works on transformers' routers (output: logits, weights, ids) and ours (output: weights, ids):
+    modules at `mlp.gate` or `mlp.router` (Granite: `block_sparse_moe.router`, Llama 4:
+    `feed_forward.router`) whose class is a *Router (Hunyuan's: *Gate).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -398,11 +552,15 @@ class RoutingRecorder:
         self.handles = [
             module.register_forward_hook(self._hook)
             for name, module in model.named_modules()
-            if name.endswith(("mlp.gate", "mlp.router")) and "Router" in type(module).__name__
+            if name.endswith(("mlp.gate", "mlp.router", "block_sparse_moe.router", "feed_forward.router"))
+            and type(module).__name__.endswith(("Router", "Gate"))
         ]
 
     def _hook(self, module: nn.Module, inputs: Any, output: tuple[torch.Tensor, ...]) -> None:
-        self.ids.append(output[-1].detach().clone())
+        ids = output[-1]
+        if ids.is_floating_point():  # Llama 4's router ends with its logits [T, E]: their top k
+            ids = ids.topk(module.top_k, dim=-1).indices
+        self.ids.append(ids.detach().clone())
 
     def close(self) -> None:
         for handle in self.handles:
