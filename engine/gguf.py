@@ -1,11 +1,15 @@
 """GGUF files (llama.cpp's format): config, tensors and tokenizer from one file or its splits.
 
 The metadata becomes a Hugging Face config dict (one builder per llama.cpp architecture the
-engine implements), GGUF tensor names become the loader's module names, and `GGUFTensors` reads
-one file the way engine.tensorfile.TensorFile reads a shard (names, shape, read_into, close), so
-the loader fills the model layer by layer from it. F32, F16 and BF16 tensors load as floats; the
-block types of kernels/formats.py (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) stay blocks in the modules that
-read them (engine/ggml_quants.py) and are widened to floats elsewhere; other types are refused by name.
+engine implements: FAMILIES), GGUF tensor names become the loader's module names, and `GGUFTensors`
+reads one file the way engine.tensorfile.TensorFile reads a shard (names, shape, read_into, close),
+so the loader fills the model layer by layer from it. Where llama.cpp stores a tensor otherwise
+than the checkpoint does (llama's permuted Q/K rows, DeepSeek's split kv_b, gpt-oss's separate gate
+and up biases, vectors squeezed from rows), it is served as the checkpoint holds it, so the
+architecture's own renames and layouts apply unchanged. F32, F16 and BF16 tensors load as floats;
+the block types of kernels/formats.py (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, MXFP4) stay blocks in the
+modules that read them (engine/ggml_quants.py) and are widened to floats elsewhere; other types are
+refused by name.
 """
 
 from __future__ import annotations
@@ -224,10 +228,18 @@ def _llama(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tenso
     if "rope_freqs.weight" in info:
         dim = int(m("rope.dimension_count", config["head_dim"]))
         config["rope_scaling"] = _llama3_rope(read("rope_freqs.weight"), config["rope_theta"], dim)
+    if "blk.0.ffn_gate_inp.weight" in info:  # llama.cpp writes Mixtral as llama with experts
+        config |= {
+            "model_type": "mixtral",
+            "architectures": ["MixtralForCausalLM"],
+            "num_local_experts": int(m("expert_count")),
+            "num_experts_per_tok": int(m("expert_used_count")),
+        }
     return config
 
 
-def _qwen3moe(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+def _softmax_moe(m: _Meta, info: dict[str, _Tensor], *, renormalize: bool) -> dict[str, Any]:
+    """Qwen-style softmax top-k experts; `renormalize`: what llama.cpp does when the file does not say."""
     config = _gqa(m, info)
     width = int(m("expert_feed_forward_length"))
     return config | {
@@ -235,13 +247,142 @@ def _qwen3moe(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Te
         "intermediate_size": config["intermediate_size"] or width,
         "num_experts": int(m("expert_count")),
         "num_experts_per_tok": int(m("expert_used_count")),
-        # llama.cpp always renormalizes the top-k weights of qwen3moe unless told otherwise.
-        "norm_topk_prob": bool(m("expert_weights_norm", True)),
+        "norm_topk_prob": bool(m("expert_weights_norm", renormalize)),
         "decoder_sparse_step": 1,
         # A layer without a router is dense: the file says which by its tensors.
         "mlp_only_layers": [
             i for i in range(config["num_hidden_layers"]) if f"blk.{i}.ffn_gate_inp.weight" not in info
         ],
+    }
+
+
+def _qwen3moe(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    return _softmax_moe(m, info, renormalize=True)  # llama.cpp renormalizes qwen3moe's top k by default
+
+
+def _qwen2moe(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    config = _softmax_moe(m, info, renormalize=False)  # nor does Qwen1.5-MoE or Qwen2-57B
+    return config | {"shared_expert_intermediate_size": int(m("expert_shared_feed_forward_length"))}
+
+
+def _olmoe(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    config = _gqa(m, info)
+    clip = m("attention.clamp_kqv", None)
+    return config | {
+        # convert_hf_to_gguf writes OLMoE's expert width as the feed-forward length
+        "intermediate_size": int(m("expert_feed_forward_length", 0) or config["intermediate_size"]),
+        "num_experts": int(m("expert_count")),
+        "num_experts_per_tok": int(m("expert_used_count")),
+        "norm_topk_prob": bool(m("expert_weights_norm", False)),
+        "clip_qkv": None if clip is None else float(clip),
+    }
+
+
+def _check_sigmoid_routing(m: _Meta) -> None:
+    """The families routed by sigmoid scores in the engine (llama.cpp's default for them too)."""
+    gating = int(m("expert_gating_func", 2))
+    if gating != 2:
+        raise UnsupportedArchitectureError(
+            f"{m.path.name} routes its experts with gating function {gating} (llama.cpp's numbering); the "
+            f"engine's {m.arch} routes by sigmoid scores (2) only."
+        )
+
+
+def _sigmoid_grouped_moe(m: _Meta, info: dict[str, _Tensor]) -> dict[str, Any]:
+    """DeepSeek-V3-style routing over GQA attention (dots1, glm4moe): sigmoid scores with a correction
+    bias, group-limited, scaled, beside shared experts, after leading dense layers."""
+    _check_sigmoid_routing(m)
+    return _gqa(m, info) | {
+        "moe_intermediate_size": int(m("expert_feed_forward_length")),
+        "n_routed_experts": int(m("expert_count")),
+        "num_experts_per_tok": int(m("expert_used_count")),
+        "n_shared_experts": int(m("expert_shared_count", 0)),
+        "n_group": int(m("expert_group_count", 1)),
+        "topk_group": int(m("expert_group_used_count", 1)),
+        "norm_topk_prob": bool(m("expert_weights_norm", False)),
+        "routed_scaling_factor": float(m("expert_weights_scale", 1.0)),
+        "first_k_dense_replace": int(m("leading_dense_block_count", 0)),
+    }
+
+
+def _glm4moe(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    config = _sigmoid_grouped_moe(m, info)
+    nextn = int(m("nextn_predict_layers", 0))  # block_count counts the MTP layers after the model's
+    return config | {
+        "num_hidden_layers": config["num_hidden_layers"] - nextn,
+        "num_nextn_predict_layers": nextn,
+        "partial_rotary_factor": int(m("rope.dimension_count", config["head_dim"])) / config["head_dim"],
+        "use_qk_norm": "blk.0.attn_q_norm.weight" in info,
+    }
+
+
+def _ernie4_5_moe(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    return _gqa(m, info) | {
+        "moe_num_experts": int(m("expert_count")),
+        "moe_k": int(m("expert_used_count")),
+        "moe_intermediate_size": int(m("expert_feed_forward_length")),
+        "moe_num_shared_experts": int(m("expert_shared_count", 0)),
+        # experts on every step-th layer from the first after the dense ones, to the last
+        "moe_layer_start_index": int(m("leading_dense_block_count", 0)),
+        "moe_layer_end_index": -1,
+        "moe_layer_interval": int(m("interleave_moe_layer_step", 1)),
+        "use_bias": "blk.0.attn_q.bias" in info,
+    }
+
+
+def _granitemoe(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    config = _gqa(m, info)
+    return config | {
+        "intermediate_size": int(m("expert_feed_forward_length", 0) or config["intermediate_size"]),
+        "num_local_experts": int(m("expert_count")),
+        "num_experts_per_tok": int(m("expert_used_count")),
+        # convert_hf_to_gguf writes Granite's multipliers when config.json sets them; 1 is its default
+        "embedding_multiplier": float(m("embedding_scale", 1.0)),
+        "attention_multiplier": float(m("attention.scale", 1.0)),
+        "residual_multiplier": float(m("residual_scale", 1.0)),
+        "logits_scaling": float(m("logit_scale", 1.0)),
+    }
+
+
+def _hunyuan_moe(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    # convert_hf_to_gguf folds Hunyuan's NTK alpha into the rope base, so the rope read is plain
+    config = _gqa(m, info)
+    return config | {
+        "intermediate_size": int(m("expert_shared_feed_forward_length", 0) or config["intermediate_size"]),
+        "moe_intermediate_size": int(m("expert_feed_forward_length")),
+        "num_experts": int(m("expert_count")),
+        "moe_topk": int(m("expert_used_count")),
+        "num_shared_expert": int(m("expert_shared_count", 1)),
+    }
+
+
+def _minimax_m2(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    _check_sigmoid_routing(m)
+    config = _gqa(m, info)
+    return config | {
+        "intermediate_size": int(m("expert_feed_forward_length")),
+        "num_local_experts": int(m("expert_count")),
+        "num_experts_per_tok": int(m("expert_used_count")),
+        "rotary_dim": int(m("rope.dimension_count", config["head_dim"])),
+    }
+
+
+def _gpt_oss(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.Tensor]) -> dict[str, Any]:
+    config = _gqa(m, info)
+    layers = config["num_hidden_layers"]
+    # llama.cpp hard-codes gpt-oss's alternation (even layers sliding); a file may state it per layer.
+    pattern = m("attention.sliding_window_pattern", [i % 2 == 0 for i in range(layers)])
+    if not isinstance(pattern, list) or len(pattern) != layers:
+        raise CheckpointError(f"{m.path.name}: {m.arch}.attention.sliding_window_pattern is not one flag a layer.")
+    rope = config["rope_scaling"]
+    if rope is not None and rope["rope_type"] == "yarn":
+        rope["truncate"] = False  # as every gpt-oss config.json states; GGUF metadata has no key for it
+    return config | {
+        "intermediate_size": int(m("expert_feed_forward_length")),
+        "num_local_experts": int(m("expert_count")),
+        "num_experts_per_tok": int(m("expert_used_count")),
+        "sliding_window": int(m("attention.sliding_window")),
+        "layer_types": ["sliding_attention" if sliding else "full_attention" for sliding in pattern],
     }
 
 
@@ -293,7 +434,7 @@ def _deepseek2(m: _Meta, info: dict[str, _Tensor], read: Callable[[str], torch.T
 
 @dataclass(frozen=True)
 class _Family:
-    model_type: str  # the engine's architecture (engine.models.ARCHITECTURES)
+    model_type: str  # the engine's architecture (engine.models.ARCHITECTURES), unless `config` names another
     hf_class: str
     config: Callable[[_Meta, dict[str, _Tensor], Callable[[str], torch.Tensor]], dict[str, Any]]
 
@@ -304,7 +445,16 @@ FAMILIES: dict[str, _Family] = {
     "qwen2": _Family("qwen2", "Qwen2ForCausalLM", lambda m, info, read: _gqa(m, info)),
     "qwen3": _Family("qwen3", "Qwen3ForCausalLM", lambda m, info, read: _gqa(m, info)),
     "qwen3moe": _Family("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3moe),
+    "qwen2moe": _Family("qwen2_moe", "Qwen2MoeForCausalLM", _qwen2moe),
+    "olmoe": _Family("olmoe", "OlmoeForCausalLM", _olmoe),
     "deepseek2": _Family("deepseek_v3", "DeepseekV3ForCausalLM", _deepseek2),
+    "glm4moe": _Family("glm4_moe", "Glm4MoeForCausalLM", _glm4moe),
+    "dots1": _Family("dots1", "Dots1ForCausalLM", lambda m, info, read: _sigmoid_grouped_moe(m, info)),
+    "granitemoe": _Family("granitemoe", "GraniteMoeForCausalLM", _granitemoe),
+    "hunyuan-moe": _Family("hunyuan_v1_moe", "HunYuanMoEV1ForCausalLM", _hunyuan_moe),
+    "ernie4_5-moe": _Family("ernie4_5_moe", "Ernie4_5_MoeForCausalLM", _ernie4_5_moe),
+    "minimax-m2": _Family("minimax_m2", "MiniMaxM2ForCausalLM", _minimax_m2),
+    "gpt-oss": _Family("gpt_oss", "GptOssForCausalLM", _gpt_oss),
 }
 
 
@@ -325,9 +475,12 @@ def read_config(path: str | Path) -> dict[str, Any]:
     metadata, tensors = tables[0][0], [t for _, table in tables for t in table]
     arch = str(metadata.get("general.architecture"))
     if arch not in FAMILIES:
+        from engine.models import ARCHITECTURES
+
         raise UnsupportedArchitectureError(
-            f"{splits[0].name} is a GGUF of architecture {arch!r}, which the engine does not support. "
-            f"Supported: {', '.join(FAMILIES)}."
+            f"{splits[0].name} is a GGUF of architecture {arch!r}, which the engine does not read from GGUF. "
+            f"Supported: {', '.join(FAMILIES)}. The engine may still run the model from its Hugging Face "
+            f"checkpoint (config.json + safetensors) if its model_type is one of: {', '.join(sorted(ARCHITECTURES))}."
         )
     for split, (_, table) in zip(splits, tables):
         _check_types(split, table)
@@ -398,11 +551,31 @@ _BLOCK = {  # blk.N.<key>.<weight|bias> -> model.layers.N.<value>.<weight|bias>
     "ffn_up_shexp": "mlp.shared_experts.up_proj",
     "ffn_down_shexp": "mlp.shared_experts.down_proj",
 }
+# Where an architecture's modules are named otherwise (by model_type): llama.cpp calls the norm
+# before the MLP post_attention_norm in gpt-oss and GLM, Qwen2-MoE's shared expert is singular, and
+# Hunyuan keeps its q/k norms' own names (they come after RoPE there).
+_BLOCK_BY_TYPE = {
+    "gpt_oss": {"post_attention_norm": "post_attention_layernorm", "ffn_gate_inp": "mlp.router"},
+    "glm4_moe": {"post_attention_norm": "post_attention_layernorm"},
+    "hunyuan_v1_moe": {"attn_q_norm": "self_attn.query_layernorm", "attn_k_norm": "self_attn.key_layernorm"},
+    "qwen2_moe": {
+        "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+        "ffn_up_shexp": "mlp.shared_expert.up_proj",
+        "ffn_down_shexp": "mlp.shared_expert.down_proj",
+        "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+    },
+}
+# Block tensors that are one parameter, whatever their .weight / .bias suffix says.
+_PARAMETERS = {
+    "exp_probs_b": "mlp.gate.e_score_correction_bias",  # DeepSeek's routing correction, stored as a bias
+    "attn_sinks": "self_attn.sinks",  # gpt-oss's sink logit per head
+}
 _EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}  # [E, out, in]
 _NAME = re.compile(r"blk\.(?P<layer>\d+)\.(?P<key>\w+)\.(?P<kind>weight|bias)")
+_LAYER = re.compile(r"blk\.(?P<layer>\d+)\.(?P<rest>.+)")
 
 
-def _module_name(name: str) -> str:
+def _module_name(name: str, model_type: str) -> str:
     """The loader's name for GGUF tensor `name`; names it does not know pass through unchanged,
     so the loader reports them as having no place in the model."""
     stem, _, kind = name.rpartition(".")
@@ -411,12 +584,14 @@ def _module_name(name: str) -> str:
     match = _NAME.fullmatch(name)
     if match is None:
         return name
-    prefix = f"model.layers.{match['layer']}."
-    if match["key"] == "exp_probs_b":  # DeepSeek's routing correction, stored as a bias
-        return prefix + "mlp.gate.e_score_correction_bias"
-    if match["key"] in _BLOCK:
-        return f"{prefix}{_BLOCK[match['key']]}.{match['kind']}"
-    return name
+    prefix, key = f"model.layers.{match['layer']}.", match["key"]
+    if key in _PARAMETERS:
+        return prefix + _PARAMETERS[key]
+    block = _BLOCK_BY_TYPE.get(model_type, {}).get(key) or _BLOCK.get(key)
+    return name if block is None else f"{prefix}{block}.{match['kind']}"
+
+
+_PERMUTED_QK = ("llama", "mixtral", "granitemoe")  # model types convert_hf_to_gguf writes as LlamaModel does
 
 
 def _unpermute(heads: int, stored: torch.Tensor) -> torch.Tensor:
@@ -443,36 +618,91 @@ class _Entry:
     combine: Callable[..., torch.Tensor] | None = None
 
 
+def _interleaved(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's expert biases as its checkpoints hold them, [E, 2I] alternating g0, u0, g1, u1, ...,
+    from llama.cpp's gate and up halves [E, I] each: the layout gpt_oss's Architecture.layouts undoes."""
+    return torch.stack((gate, up), dim=-1).flatten(-2)
+
+
+_SQUEEZED_ROWS = {("ffn_gate_inp_shexp", "qwen2_moe"), ("exp_probs_b", "ernie4_5_moe")}  # (key, model_type)
+
+
+def _as_row(w: torch.Tensor) -> torch.Tensor:
+    """A vector convert_hf_to_gguf squeezed back to the row its module holds: Qwen2-MoE's shared expert
+    gate [H] to its Linear's [1, H], ERNIE's correction bias [E] to [1, E]."""
+    return w.view(1, -1)
+
+
+def _expert_entries(t: _Tensor, layer: str, projs: tuple[str, ...]) -> dict[str, _Entry]:
+    """One entry per expert and projection of stacked experts [E, rows, in] (the loader fills its
+    stacked experts from these); a fused ffn_gate_up_exps holds each expert's gate rows, then its up rows."""
+    per_expert, rows = t.nbytes // t.shape[0], t.shape[1] // len(projs)
+    size = per_expert // len(projs)
+    entries = {}
+    for e in range(t.shape[0]):
+        for j, proj in enumerate(projs):
+            part = _Tensor(t.path, t.name, t.type, (rows, *t.shape[2:]), t.offset + e * per_expert + j * size, size)
+            entries[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = _Entry((part,), part.shape)
+    return entries
+
+
+def _pair(match: re.Match, by_name: dict[str, _Tensor], first: str, second: str) -> tuple[_Tensor, _Tensor] | None:
+    """The tensors `first` and `second` of match's layer and kind, or None when this file lacks one
+    (half of a pair in another split: it then passes through, for the loader to refuse)."""
+    found = [by_name.get(f"blk.{match['layer']}.{key}.{match['kind']}") for key in (first, second)]
+    return None if None in found else (found[0], found[1])
+
+
 def _entries(tensors: list[_Tensor], config: dict[str, Any]) -> dict[str, _Entry]:
     entries: dict[str, _Entry] = {}
     by_name = {t.name: t for t in tensors}
+    model_type = config["model_type"]
     for t in tensors:
         if t.name == "rope_freqs.weight":  # read into the config's rope scaling
             continue
+        layer = _LAYER.fullmatch(t.name)
+        if layer and int(layer["layer"]) >= config["num_hidden_layers"]:  # MTP layers, which the arch ignores
+            entries[f"model.layers.{layer['layer']}.{layer['rest']}"] = _Entry((t,), t.shape)
+            continue
         match = _NAME.fullmatch(t.name)
-        key = match["key"] if match else ""
-        if key in _EXPERTS:  # one entry per expert: the loader fills stacked experts from these
-            per_expert = t.nbytes // t.shape[0]
-            for e in range(t.shape[0]):
-                part = _Tensor(t.path, t.name, t.type, t.shape[1:], t.offset + e * per_expert, per_expert)
-                entries[f"model.layers.{match['layer']}.mlp.experts.{e}.{_EXPERTS[key]}.weight"] = _Entry(
-                    (part,), part.shape
-                )
-        elif key in ("attn_k_b", "attn_v_b") and match["kind"] == "weight":
-            k_b = by_name.get(f"blk.{match['layer']}.attn_k_b.weight")
-            v_b = by_name.get(f"blk.{match['layer']}.attn_v_b.weight")
-            if k_b is None or v_b is None:  # half of the pair is in another split, or missing
+        if match is None:
+            entries[_module_name(t.name, model_type)] = _Entry((t,), t.shape)
+            continue
+        prefix, key, kind = f"model.layers.{match['layer']}.", match["key"], match["kind"]
+        if kind == "weight" and key in _EXPERTS:
+            entries |= _expert_entries(t, match["layer"], (_EXPERTS[key],))
+        elif kind == "weight" and key == "ffn_gate_up_exps":
+            entries |= _expert_entries(t, match["layer"], ("gate_proj", "up_proj"))
+        elif kind == "bias" and key in ("ffn_gate_exps", "ffn_up_exps"):  # gpt-oss's expert biases
+            pair = _pair(match, by_name, "ffn_gate_exps", "ffn_up_exps")
+            if pair is None:
+                entries[t.name] = _Entry((t,), t.shape)
+            elif key == "ffn_gate_exps":
+                shape = (t.shape[0], 2 * t.shape[1])
+                entries[prefix + "mlp.experts.gate_up_proj_bias"] = _Entry(pair, shape, _interleaved)
+        elif kind == "bias" and key == "ffn_gate_up_exps":
+            entries[prefix + "mlp.experts.gate_up_proj_bias"] = _Entry(
+                (t,), t.shape, lambda w: _interleaved(*w.chunk(2, dim=-1))
+            )
+        elif kind == "bias" and key == "ffn_down_exps":
+            entries[prefix + "mlp.experts.down_proj_bias"] = _Entry((t,), t.shape)
+        elif kind == "weight" and key in ("attn_k_b", "attn_v_b"):
+            pair = _pair(match, by_name, "attn_k_b", "attn_v_b")
+            if pair is None:
                 entries[t.name] = _Entry((t,), t.shape)
             elif key == "attn_k_b":
+                k_b, v_b = pair
                 shape = (k_b.shape[0] * (k_b.shape[2] + v_b.shape[1]), k_b.shape[1])
-                entries[f"model.layers.{match['layer']}.self_attn.kv_b_proj.weight"] = _Entry(
-                    (k_b, v_b), shape, _merge_kv_b
-                )
-        elif config["model_type"] == "llama" and key in ("attn_q", "attn_k"):
+                entries[prefix + "self_attn.kv_b_proj.weight"] = _Entry(pair, shape, _merge_kv_b)
+        elif model_type in _PERMUTED_QK and key in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if key == "attn_q" else config["num_key_value_heads"]
-            entries[_module_name(t.name)] = _Entry((t,), t.shape, lambda w, heads=heads: _unpermute(heads, w))
+            entries[_module_name(t.name, model_type)] = _Entry(
+                (t,), t.shape, lambda w, heads=heads: _unpermute(heads, w)
+            )
+        elif len(t.shape) == 1 and (key, model_type) in _SQUEEZED_ROWS:
+            entries[_module_name(t.name, model_type)] = _Entry((t,), (1, *t.shape), _as_row)
         else:
-            entries[_module_name(t.name)] = _Entry((t,), t.shape)
+            entries[_module_name(t.name, model_type)] = _Entry((t,), t.shape)
     return entries
 
 
@@ -534,6 +764,12 @@ class GGUFTensors:
         """Serve these block tensors raw from now on: `shape` and `read_into` give their blocks
         [.., N, K / block * bytes] uint8 (the modules that hold them are GGUF ones)."""
         self._raw = names & set(self.formats)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Tensor `name` whole (fp32, or its blocks once kept): for the loader's Architecture.layouts."""
+        out = torch.empty(self.shape(name), dtype=torch.uint8 if name in self._raw else torch.float32)
+        self.read_into(name, out)
+        return out
 
     def shape(self, name: str) -> tuple[int, ...]:
         entry = self._entries[name]

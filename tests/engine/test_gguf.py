@@ -2,9 +2,11 @@
 
 The files are written here with the gguf package's own writer and tensor-name map, from tiny
 random transformers models, laid out as llama.cpp's convert_hf_to_gguf.py lays them out: llama's
-Q/K rows permuted for adjacent-pair rope, Llama 3 rope scaling as a rope_freqs tensor, DeepSeek's
-kv_b split into k_b [N, R, Dn] and v_b [N, Dv, R], experts stacked, 1-D tensors in F32; or with
-matrices in GGUF block types (Q8_0, Q4_K, Q6_K, Q4_0, Q5_K), which stay blocks in the engine.
+(and Mixtral's) Q/K rows permuted for adjacent-pair rope, Llama 3 rope scaling as a rope_freqs
+tensor, DeepSeek's kv_b split into k_b [N, R, Dn] and v_b [N, Dv, R], experts stacked, gpt-oss's
+gate and up (weights and biases) split apart and its sinks as attn_sinks.weight, GLM's MTP layer
+after the model's, rows of one squeezed to vectors, 1-D tensors in F32; or with matrices in GGUF
+block types (Q8_0, Q4_K, Q6_K, Q4_0, Q5_K, MXFP4), which stay blocks in the engine.
 Tolerances: as tests/engine/test_parity.py (fp32 logits within 1e-4 of the largest logit).
 """
 
@@ -44,12 +46,41 @@ NEW_TOKENS = 32
 SENTENCE = "hello world, the engine answers questions about documents!"
 # llama without rope scaling: transformers' own GGUF loader ignores rope_freqs, and is compared too.
 LLAMA_PLAIN = dict(CASES["llama"].kwargs, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3_moe": "qwen3moe", "deepseek_v3": "deepseek2"}
+ARCHS = {
+    "llama": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "qwen3_moe": "qwen3moe",
+    "deepseek_v3": "deepseek2",
+    "gpt_oss": "gpt-oss",
+    "qwen2_moe": "qwen2moe",
+    "glm4_moe": "glm4moe",
+    "olmoe": "olmoe",
+    "dots1": "dots1",
+    "mixtral": "llama",
+    "minimax_m2": "minimax-m2",
+    "ernie4_5_moe": "ernie4_5-moe",
+    "granitemoe": "granitemoe",
+    "hunyuan_v1_moe": "hunyuan-moe",
+}
+PERMUTED = ("llama", "granitemoe")  # the architectures convert_hf_to_gguf converts as LlamaModel
+MODEL_ARCH = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}  # "gpt-oss" -> MODEL_ARCH.GPT_OSS
+# CASES as llama.cpp can hold them: its gpt-oss clamps SwiGLU at 7 (no metadata key), its qwen2moe
+# has no dense layers, its dots1 no q/k/v biases; convert_hf_to_gguf writes no OLMoE clip_qkv.
+AS_LLAMA_CPP = {
+    "gpt_oss": {"swiglu_limit": 7.0},
+    "qwen2_moe": {"mlp_only_layers": []},
+    "dots1": {"attention_bias": False},
+    "olmoe": {"clip_qkv": None},
+    "hunyuan_v1_moe": {"moe_topk": 2},  # llama.cpp's hunyuan-moe has one top k for every layer
+}
 
 
-def _llama_permute(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """convert_hf_to_gguf's LlamaModel.permute: each head's rotary halves interleaved into pairs."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _llama_permute(w: torch.Tensor, heads: int, *, undo: bool = False) -> torch.Tensor:
+    """convert_hf_to_gguf's LlamaModel.permute: each head's rotary halves interleaved into pairs (or,
+    with `undo`, back)."""
+    halves = (w.shape[0] // heads // 2, 2) if undo else (2, w.shape[0] // heads // 2)
+    return w.reshape(heads, *halves, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def _llama3_divisors(config) -> torch.Tensor:
@@ -77,11 +108,30 @@ def _llama3_divisors(config) -> torch.Tensor:
 
 
 def _hf_tensors(model, arch: str):
-    """(HF-style name, tensor) pairs as convert_hf_to_gguf feeds them to the name map."""
+    """(HF-style name, tensor) pairs as convert_hf_to_gguf feeds them to the name map: views of the
+    model's fp32 parameters, so write_block_gguf can write its blocks' values back through them."""
     c = model.config
     for name, w in model.state_dict().items():
         w = w.float()
-        if name.endswith("experts.gate_up_proj"):  # [E, 2I, H] -> gate, up [E, I, H]
+        if arch == "granitemoe":  # the names of the other families' MoE, which the name map knows too
+            name = name.replace(".block_sparse_moe.router.", ".mlp.gate.").replace(".block_sparse_moe.", ".mlp.")
+        if arch == "gpt-oss" and name.endswith("experts.gate_up_proj"):  # [E, H, 2I], gate/up columns alternating
+            yield name.replace("gate_up_proj", "gate_proj.weight"), w.transpose(1, 2)[:, 0::2]
+            yield name.replace("gate_up_proj", "up_proj.weight"), w.transpose(1, 2)[:, 1::2]
+        elif arch == "gpt-oss" and name.endswith("experts.down_proj"):  # [E, I, H]
+            yield name + ".weight", w.transpose(1, 2)
+        elif name.endswith("experts.gate_up_proj_bias"):  # [E, 2I], alternating
+            yield name.replace("gate_up_proj_bias", "gate_proj.bias"), w[:, 0::2]
+            yield name.replace("gate_up_proj_bias", "up_proj.bias"), w[:, 1::2]
+        elif name.endswith("experts.down_proj_bias"):
+            yield name.replace("down_proj_bias", "down_proj.bias"), w
+        elif name.endswith("sinks"):
+            yield name + ".weight", w
+        elif name.endswith("moe_statics.e_score_correction_bias"):  # ERNIE's [1, E], squeezed
+            yield name.replace("gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction.bias"), w[0]
+        elif name.endswith("shared_expert_gate.weight"):  # [1, H], squeezed as convert_hf_to_gguf does
+            yield name, w.squeeze(0)
+        elif name.endswith("experts.gate_up_proj"):  # [E, 2I, H] -> gate, up [E, I, H]
             half = w.shape[1] // 2
             yield name.replace("gate_up_proj", "gate_proj.weight"), w[:, :half]
             yield name.replace("gate_up_proj", "up_proj.weight"), w[:, half:]
@@ -94,9 +144,9 @@ def _hf_tensors(model, arch: str):
             k_b, v_b = w.view(n, dn + dv, -1).split([dn, dv], dim=1)
             yield name.replace("kv_b_proj", "k_b_proj"), k_b.transpose(1, 2)
             yield name.replace("kv_b_proj", "v_b_proj"), v_b
-        elif arch == "llama" and ".q_proj." in name:
+        elif arch in PERMUTED and ".q_proj." in name:  # weight and bias
             yield name, _llama_permute(w, c.num_attention_heads)
-        elif arch == "llama" and ".k_proj." in name:
+        elif arch in PERMUTED and ".k_proj." in name:
             yield name, _llama_permute(w, c.num_key_value_heads)
         elif name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -141,10 +191,69 @@ def _metadata(writer, model, arch: str) -> None:
         writer.add_value_length(head_dim)
     if arch == "llama":
         writer.add_rope_dimension_count(head_dim or c.hidden_size // c.num_attention_heads)
-    if arch == "qwen3moe":
+    if arch in ("qwen3moe", "qwen2moe", "olmoe"):
         writer.add_expert_count(c.num_experts)
         writer.add_expert_used_count(c.num_experts_per_tok)
+    if arch in ("qwen3moe", "qwen2moe", "glm4moe", "dots1"):
         writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+    if arch == "qwen2moe":
+        writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    if arch in ("glm4moe", "dots1"):  # DeepSeek-V3's routing
+        writer.add_expert_count(c.n_routed_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        writer.add_expert_group_count(c.n_group)
+        writer.add_expert_group_used_count(c.topk_group)
+        writer.add_expert_shared_count(c.n_shared_experts)
+        writer.add_leading_dense_block_count(c.first_k_dense_replace)
+        writer.add_expert_weights_scale(c.routed_scaling_factor)
+        writer.add_expert_weights_norm(c.norm_topk_prob)
+    if arch == "glm4moe":
+        writer.add_block_count(c.num_hidden_layers + 1)  # and one MTP layer (see _mtp_layer)
+        writer.add_nextn_predict_layers(1)
+        writer.add_rope_dimension_count(int(c.head_dim * c.rope_parameters["partial_rotary_factor"]))
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if c.model_type in ("mixtral", "minimax_m2"):
+        writer.add_expert_count(c.num_local_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+    if arch == "ernie4_5-moe":
+        writer.add_expert_count(c.moe_num_experts)
+        writer.add_expert_used_count(c.moe_k)
+        writer.add_interleave_moe_layer_step(c.moe_layer_interval)
+        writer.add_leading_dense_block_count(c.moe_layer_start_index)
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+        writer.add_expert_shared_count(c.moe_num_shared_experts)
+    if arch == "granitemoe":
+        writer.add_expert_count(c.num_local_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        writer.add_attention_scale(c.attention_multiplier)
+        writer.add_embedding_scale(c.embedding_multiplier)
+        writer.add_residual_scale(c.residual_multiplier)
+        writer.add_logit_scale(c.logits_scaling)
+    if arch == "hunyuan-moe":  # the NTK alpha folded into the base, as convert_hf_to_gguf does
+        rope, dim = c.rope_parameters, c.hidden_size // c.num_attention_heads
+        writer.add_rope_freq_base(rope["rope_theta"] * rope["alpha"] ** (dim / (dim - 2)))
+        writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
+        writer.add_context_length(256 * 1024)
+        writer.add_expert_count(c.num_experts)
+        writer.add_expert_used_count(c.moe_topk)
+        writer.add_expert_feed_forward_length(c.intermediate_size)
+        writer.add_expert_shared_feed_forward_length(c.intermediate_size)
+        writer.add_expert_shared_count(1)
+    if arch == "minimax-m2":
+        writer.add_expert_feed_forward_length(c.intermediate_size)
+        writer.add_rope_dimension_count(c.rotary_dim)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    if arch == "gpt-oss":
+        rope = c.rope_parameters
+        writer.add_expert_count(c.num_local_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(c.intermediate_size)
+        writer.add_sliding_window(c.sliding_window)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        writer.add_rope_scaling_yarn_beta_fast(rope["beta_fast"])
+        writer.add_rope_scaling_yarn_beta_slow(rope["beta_slow"])
 
 
 def _tokenizer_metadata(writer, tokenizer_dir: Path) -> None:
@@ -175,21 +284,55 @@ _TYPES = {
 }
 
 
-def write_gguf(model, tokenizer_dir: Path, path: Path, *, ftype: str = "F32", split_max_tensors: int = 0) -> Path:
-    """`model` (a tiny transformers model) as a GGUF at `path`, matrices in `ftype`, vectors in F32."""
+def _mtp_layer(writer, tensors: list[tuple[str, np.ndarray, object]], layers: int, seed: int = 0) -> None:
+    """GLM-4.5's multi-token-prediction layer as convert_hf_to_gguf writes it after the model's
+    layers: a decoder layer (random, shaped as the last) and its nextn.* tensors, which the engine ignores."""
+    rng = np.random.default_rng(seed)
+    hidden = next(data.shape[-1] for name, data, _ in tensors if name == "token_embd.weight")
+    extra = [("nextn.eh_proj.weight", (hidden, 2 * hidden)), ("nextn.enorm.weight", (hidden,))]
+    last = [(name.split(".", 2)[2], data.shape) for name, data, _ in tensors if name.startswith(f"blk.{layers - 1}.")]
+    for rest, shape in last + extra:
+        writer.add_tensor(f"blk.{layers}.{rest}", rng.standard_normal(shape).astype(np.float32))
+
+
+def _fuse_gate_up(tensors: list[tuple[str, np.ndarray, object]]) -> list[tuple[str, np.ndarray, object]]:
+    """convert_hf_to_gguf --fuse-gate-up-exps: each layer's ffn_gate_exps and ffn_up_exps (weights
+    [E, I, H], biases [E, I]) as one ffn_gate_up_exps, gate rows (or bias columns) first."""
+    by_name = {name: (data, qtype) for name, data, qtype in tensors}
+    out = []
+    for name, data, qtype in tensors:
+        if ".ffn_up_exps." in name:
+            continue
+        if ".ffn_gate_exps." in name:
+            up = by_name[name.replace("ffn_gate_exps", "ffn_up_exps")][0]
+            name, data = name.replace("ffn_gate_exps", "ffn_gate_up_exps"), np.concatenate([data, up], axis=1)
+        out.append((name, data, qtype))
+    return out
+
+
+def write_gguf(
+    model, tokenizer_dir: Path, path: Path, *, ftype: str = "F32", split_max_tensors: int = 0, fuse: bool = False
+) -> Path:
+    """`model` (a tiny transformers model) as a GGUF at `path`, matrices in `ftype`, vectors in F32;
+    with `fuse`, gate and up experts as one tensor."""
     arch = ARCHS[model.config.model_type]
     writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     _metadata(writer, model, arch)
     _tokenizer_metadata(writer, tokenizer_dir)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
+    layers = model.config.num_hidden_layers
+    names = gguf.get_tensor_name_map(MODEL_ARCH[arch], layers + 1)
     if getattr(model.config, "rope_parameters", {}).get("rope_type") == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_divisors(model.config).numpy())
+    tensors = []
     for hf_name, w in _hf_tensors(model, arch):
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         assert name is not None, hf_name
         qtype = _TYPES[ftype] if w.dim() >= 2 else gguf.GGMLQuantizationType.F32
-        data = gguf.quants.quantize(w.contiguous().numpy().astype(np.float32), qtype)
+        tensors.append((name, gguf.quants.quantize(w.contiguous().numpy().astype(np.float32), qtype), qtype))
+    for name, data, qtype in _fuse_gate_up(tensors) if fuse else tensors:
         writer.add_tensor(name, data, raw_dtype=qtype)
+    if arch == "glm4moe":
+        _mtp_layer(writer, tensors, layers)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -227,7 +370,7 @@ def files(tmp_path_factory):
         key = (name, ftype, tuple(sorted(kw.items())))
         if key not in made:
             base = name.removesuffix("_plain")
-            model = _build(base, **(LLAMA_PLAIN if name == "llama_plain" else {}))
+            model = _build(base, **(LLAMA_PLAIN if name == "llama_plain" else AS_LLAMA_CPP.get(name, {})))
             directory = save(model, root / f"{name}-hf")
             path = write_gguf(model, tokenizer_dir, root / f"{name}-{ftype}.gguf", ftype=ftype, **kw)
             made[key] = (model, directory, path)
@@ -241,7 +384,11 @@ def _prompt(seed: int, length: int = 24) -> torch.Tensor:
     return torch.randint(0, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
 
 
-MODELS = ["llama", "llama_plain", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3"]
+MODELS = [
+    "llama", "llama_plain", "qwen2", "qwen3", "qwen3_moe", "deepseek_v3",
+    "gpt_oss", "qwen2_moe", "glm4_moe", "olmoe", "dots1", "mixtral", "minimax_m2",
+    "ernie4_5_moe", "granitemoe", "hunyuan_v1_moe",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("ftype", ["F32", "F16", "BF16"])
@@ -261,6 +408,14 @@ def test_tensors_equal_the_source(files, name: str, ftype: str) -> None:
 def test_logits_and_greedy_tokens_match_transformers(files, name: str) -> None:
     ref, _, path = files(name)
     assert_matches_transformers(engine.load_model(path), ref, _prompt(1)[None], name)
+
+
+@pytest.mark.parametrize("name", ["gpt_oss", "qwen3_moe"])
+def test_fused_gate_up_experts(files, tmp_path, name: str) -> None:
+    # Newer convert_hf_to_gguf can write each layer's gate and up experts as one ffn_gate_up_exps.
+    ref = _build(name, **AS_LLAMA_CPP.get(name, {}))
+    path = write_gguf(ref, files.tokenizer_dir, tmp_path / "fused.gguf", fuse=True)
+    assert_matches_transformers(engine.load_model(path), ref, _prompt(3)[None], name)
 
 
 # transformers' own GGUF reader, where it maps this file's metadata fully (its qwen3 ignores
@@ -368,8 +523,8 @@ BLOCK_TYPES = ["Q8_0", "Q4_K", "Q6_K", "Q4_0", "Q5_K", "MXFP4"]
 
 
 def _blocks(w: torch.Tensor, qtype, seed: int) -> np.ndarray:
-    """w [.., N, K] in GGUF blocks of `qtype`."""
-    if qtype.name in ("Q8_0", "Q4_0", "MXFP4"):
+    """w [.., N, K] in GGUF blocks of `qtype` (or as floats, for F32)."""
+    if qtype.name in ("Q8_0", "Q4_0", "MXFP4", "F32"):
         return gguf.quants.quantize(w.contiguous().numpy().astype(np.float32), qtype)
     # K-quants: d (and dmin) small enough that d * 63 * 15 (q4_k's largest) stays near INIT-sized weights
     return gguf_blocks(GGUF_FORMATS[qtype.name], tuple(w.shape), seed=seed, scale=2e-5).numpy()
@@ -385,16 +540,21 @@ def write_block_gguf(
     writer = gguf.GGUFWriter(path, arch)
     _metadata(writer, model, arch)
     _tokenizer_metadata(writer, tokenizer_dir)
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(MODEL_ARCH[arch], model.config.num_hidden_layers)
     for seed, (hf_name, w) in enumerate(_hf_tensors(model, arch)):  # fp32 views of the model's parameters
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if w.dim() < 2 or "gate_inp" in name:
-            writer.add_tensor(name, w.contiguous().numpy(), raw_dtype=gguf.GGMLQuantizationType.F32)
-            continue
         qtype = gguf.GGMLQuantizationType[(mix or {}).get(name, qtype_name)]
+        # llama-quantize keeps vectors, biases and routers float, and widths that are not whole blocks
+        if w.dim() < 2 or not name.endswith(".weight") or "gate_inp" in name or w.shape[-1] % 32:
+            qtype = gguf.GGMLQuantizationType.F32
         data = _blocks(w, qtype, seed)
+        values = torch.from_numpy(gguf.quants.dequantize(data, qtype))
         with torch.no_grad():
-            w.copy_(torch.from_numpy(gguf.quants.dequantize(data, qtype)))
+            if arch in PERMUTED and hf_name.endswith(("q_proj.weight", "k_proj.weight")):  # a permuted copy
+                heads = model.config.num_attention_heads if "q_proj" in hf_name else model.config.num_key_value_heads
+                model.get_parameter(hf_name).copy_(_llama_permute(values, heads, undo=True))
+            else:
+                w.copy_(values)
         writer.add_tensor(name, data, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -431,6 +591,43 @@ def test_block_types_stay_quantized_and_match_transformers(files, tmp_path, monk
     assert (per_position < 4.5e-2).float().mean() >= 0.9, per_position
 
 
+# Each family read since the first five, quantized as llama.cpp's tools leave it: Q8_0 matrices
+# (routers, biases and widths that are not whole blocks stay F32, as llama-quantize keeps them), or
+# gpt-oss as convert_hf_to_gguf writes the released checkpoints, MXFP4 experts beside float attention.
+QUANTIZED = [
+    "gpt_oss", "qwen2_moe", "glm4_moe", "olmoe", "dots1", "mixtral", "minimax_m2", "ernie4_5_moe", "granitemoe",
+    "hunyuan_v1_moe",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_quantized_families_stay_quantized_and_match_transformers(files, tmp_path, monkeypatch, name: str) -> None:
+    from engine.ggml_quants import GGUFExperts, GGUFLinear
+    from engine.moe import Experts
+
+    ref = _build(name, **AS_LLAMA_CPP.get(name, {}))
+    if name == "gpt_oss":
+        layers, qtype = range(ref.config.num_hidden_layers), "MXFP4"
+        mix = {f"blk.{i}.ffn_{p}_exps.weight": qtype for i in layers for p in ("gate", "up", "down")}
+        path = write_block_gguf(ref, files.tokenizer_dir, tmp_path / "m.gguf", "F32", mix)
+    else:
+        qtype = "Q8_0"
+        path = write_block_gguf(ref, files.tokenizer_dir, tmp_path / "m.gguf", qtype)
+    use_portable_kernels(monkeypatch)  # transformers' arithmetic (fp32 activations)
+    model = engine.load_model(path)
+    fmt, modules = GGUF_FORMATS[qtype], list(model.net.modules())
+    experts = [m for m in modules if isinstance(m, GGUFExperts)]
+    assert experts and not any(isinstance(m, Experts) for m in modules)  # every layer's experts kept as blocks
+    assert all(m.gate_up_format == fmt and m.down_format == fmt for m in experts)
+    linears = [m for m in modules if isinstance(m, GGUFLinear)]
+    assert (len(linears) == 0) if name == "gpt_oss" else (linears and all(m.format == fmt for m in linears))
+    tokens = _prompt(10)
+    with torch.no_grad():
+        expected = ref(tokens[None]).logits[0]  # [T, V]; greedy decoding is the float files' test above
+    rel = (model.logits(tokens) - expected).abs().max() / expected.abs().max()
+    assert rel < 1e-4, f"{name} in {qtype}: relative logits error {rel:.2e}"
+
+
 def test_unsupported_architecture_is_named(tmp_path) -> None:
     path = tmp_path / "g.gguf"
     writer = gguf.GGUFWriter(path, "gemma2")
@@ -440,9 +637,11 @@ def test_unsupported_architecture_is_named(tmp_path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(
-        UnsupportedArchitectureError, match=r"'gemma2'.*Supported: llama, qwen2, qwen3, qwen3moe, deepseek2"
-    ):
+    supported = (
+        "llama, qwen2, qwen3, qwen3moe, qwen2moe, olmoe, deepseek2, glm4moe, dots1, granitemoe, hunyuan-moe, "
+        "ernie4_5-moe, minimax-m2, gpt-oss"
+    )
+    with pytest.raises(UnsupportedArchitectureError, match=rf"'gemma2'.*Supported: {supported}\. .*qwen3_next"):
         engine.load_model(path)
 
 
