@@ -139,7 +139,39 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, start: int, sca
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
 
-class Attention(nn.Module):
+class HeadProjections(nn.Module):
+    """What the grouped-query attention variants share: the q, k, v and o projections (optional
+    biases), x split into heads, the output projection, a cache of every position. Each subclass
+    says how the heads attend (the native decode kernels read the variants they know by class)."""
+
+    def __init__(
+        self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, qkv_bias: bool = False, o_bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = linear(hidden, heads * head_dim, bias=qkv_bias)
+        self.k_proj = linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = linear(hidden, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = linear(heads * head_dim, hidden, bias=o_bias)
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
+        return kv_cache(batch, self.kv_heads, max_len, self.head_dim, dtype, device)
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, H] -> q [B, N, T, D], k and v [B, G, T, D]."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs [B, N, T, D] -> o_proj of them [B, T, H]."""
+        b, _, t, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+
+class Attention(HeadProjections):
     """Grouped-query attention; optional q/k/v bias (Qwen2), q/k RMSNorm per head (Qwen3) or over the
     whole projection (OLMoE, `qk_norm_per_head=False`), q/k/v clipped to +-clip_qkv (OLMoE), and RoPE
     on the first `rotary_dim` dims of each head only (GLM's partial rotary; cos/sin that wide)."""
@@ -158,12 +190,7 @@ class Attention(nn.Module):
         clip_qkv: float | None = None,
         rotary_dim: int | None = None,
     ) -> None:
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.q_proj = linear(hidden, heads * head_dim, bias=qkv_bias)
-        self.k_proj = linear(hidden, kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = linear(hidden, kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = linear(heads * head_dim, hidden, bias=o_bias)
+        super().__init__(hidden, heads, kv_heads, head_dim, qkv_bias=qkv_bias, o_bias=o_bias)
         self.qk_norm_per_head, self.clip_qkv = qk_norm_per_head, clip_qkv
         self.rotary_dim = rotary_dim or head_dim  # the width of cos / sin; the native kernels rotate whole heads
         if qk_norm_eps is not None:
@@ -171,9 +198,6 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(head_dim if qk_norm_per_head else kv_heads * head_dim, qk_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-        return kv_cache(batch, self.kv_heads, max_len, self.head_dim, dtype, device)
 
     def forward(
         self,
@@ -200,4 +224,4 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = append_kv(cache, k, v, start)  # [B, G, S, D]
         out = attend(q, k, v, start=start, scale=self.head_dim**-0.5)  # [B, N, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))  # [B, T, H]
+        return self.output(out)  # [B, T, H]

@@ -19,7 +19,7 @@ from torch import nn
 from engine.config import DecoderArgs, gqa_fields
 from engine.decoder import Block, CausalLM
 from engine.errors import UnsupportedArchitectureError
-from engine.layers import MLP, append_kv, attend, kv_cache, linear
+from engine.layers import MLP, HeadProjections, append_kv, attend, linear
 from engine.models import Architecture
 from engine.moe import RoutedMoe
 from engine.qmatmul import matmul
@@ -61,36 +61,22 @@ class Ernie45MoeArgs(DecoderArgs):
         )
 
 
-class InterleavedRopeAttention(nn.Module):
+class InterleavedRopeAttention(HeadProjections):
     """Grouped-query attention whose RoPE turns adjacent pairs (x0, x1), (x2, x3), ... of each head
     (rope.rotate_interleaved), with optional biases on q, k, v and o.
 
     Its own class, not layers.Attention: the native decode kernels rotate half-split heads."""
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, bias: bool) -> None:
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.q_proj = linear(hidden, heads * head_dim, bias=bias)
-        self.k_proj = linear(hidden, kv_heads * head_dim, bias=bias)
-        self.v_proj = linear(hidden, kv_heads * head_dim, bias=bias)
-        self.o_proj = linear(heads * head_dim, hidden, bias=bias)
-
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-        return kv_cache(batch, self.kv_heads, max_len, self.head_dim, dtype, device)
-
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: list[torch.Tensor] | None, start: int
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, N, T, D]
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
+        q, k, v = self.split_heads(x)  # [B, N, T, D], [B, G, T, D] x 2
         # The rotated pairs come out de-interleaved, in q and k alike: q.k, all attention reads, is unchanged.
         q, k = rotate_interleaved(q, cos, sin), rotate_interleaved(k, cos, sin)
         if cache is not None:
             k, v = append_kv(cache, k, v, start)  # [B, G, S, D]
         out = attend(q, k, v, start=start, scale=self.head_dim**-0.5)  # [B, N, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))  # [B, T, H]
+        return self.output(out)  # [B, T, H]
 
 
 class BiasedSoftmaxRouter(nn.Module):
@@ -126,7 +112,12 @@ def build(args: Ernie45MoeArgs) -> CausalLM:
     blocks = []
     for i in range(args.num_layers):
         attn = InterleavedRopeAttention(
-            args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, bias=args.use_bias
+            args.hidden_size,
+            args.num_heads,
+            args.num_kv_heads,
+            args.head_dim,
+            qkv_bias=args.use_bias,
+            o_bias=args.use_bias,
         )
         blocks.append(Block(attn, feed_forward(args, i), args.hidden_size, args.rms_norm_eps))
     net = CausalLM.assemble(args, blocks)

@@ -23,7 +23,7 @@ from torch import nn
 from engine.config import DecoderArgs, gqa_fields
 from engine.decoder import Block, CausalLM
 from engine.errors import CheckpointError
-from engine.layers import append_kv, kv_cache, linear
+from engine.layers import HeadProjections, append_kv, kv_cache
 from engine.models import Architecture
 from engine.moe import Experts, expert_matmul
 from engine.qmatmul import matmul
@@ -90,7 +90,7 @@ def sink_attend(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=n != k.shape[1])
 
 
-class SinkAttention(nn.Module):
+class SinkAttention(HeadProjections):
     """gpt-oss attention: GQA with biases, a sink logit per head, a sliding window on some layers.
 
     Its own class, not layers.Attention: the native decode kernels know neither sinks nor windows.
@@ -98,12 +98,8 @@ class SinkAttention(nn.Module):
     slots = min(window, the cache's length)."""
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, window: int | None) -> None:
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.window = heads, kv_heads, head_dim, window
-        self.q_proj = linear(hidden, heads * head_dim, bias=True)
-        self.k_proj = linear(hidden, kv_heads * head_dim, bias=True)
-        self.v_proj = linear(hidden, kv_heads * head_dim, bias=True)
-        self.o_proj = linear(heads * head_dim, hidden, bias=True)
+        super().__init__(hidden, heads, kv_heads, head_dim, qkv_bias=True, o_bias=True)
+        self.window = window
         self.sinks = nn.Parameter(torch.empty(heads), requires_grad=False)  # [N]
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
@@ -113,17 +109,15 @@ class SinkAttention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: list[torch.Tensor] | None, start: int
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = rotate(self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, N, T, D]
-        k = rotate(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, G, T, D]
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
+        q, k, v = self.split_heads(x)  # [B, N, T, D], [B, G, T, D] x 2
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         key_start = start
         if cache is not None:
             k, v, key_start = self._cached(cache, k, v, start)
         out = sink_attend(
             q, k, v, self.sinks, start=start, key_start=key_start, window=self.window, scale=self.head_dim**-0.5
         )
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))  # [B, T, H]
+        return self.output(out)  # [B, T, H]
 
     def _cached(
         self, cache: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, start: int

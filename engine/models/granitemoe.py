@@ -19,7 +19,7 @@ from torch import nn
 
 from engine.config import DecoderArgs, gqa_fields
 from engine.decoder import Block, CausalLM
-from engine.layers import RMSNorm, append_kv, attend, kv_cache, linear
+from engine.layers import HeadProjections, RMSNorm, append_kv, attend
 from engine.models import Architecture
 from engine.moe import RoutedMoe, SoftmaxGroupRouter
 from engine.rope import rotate
@@ -49,7 +49,7 @@ class GraniteMoeArgs(DecoderArgs):
         )
 
 
-class ScaledAttention(nn.Module):
+class ScaledAttention(HeadProjections):
     """Grouped-query attention with its own score scale and its output times `out_scale` (Granite's
     attention_multiplier and residual_multiplier); optional biases on q, k, v and o.
 
@@ -59,28 +59,18 @@ class ScaledAttention(nn.Module):
     def __init__(
         self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, bias: bool, scale: float, out_scale: float
     ) -> None:
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        super().__init__(hidden, heads, kv_heads, head_dim, qkv_bias=bias, o_bias=bias)
         self.scale, self.out_scale = scale, out_scale
-        self.q_proj = linear(hidden, heads * head_dim, bias=bias)
-        self.k_proj = linear(hidden, kv_heads * head_dim, bias=bias)
-        self.v_proj = linear(hidden, kv_heads * head_dim, bias=bias)
-        self.o_proj = linear(heads * head_dim, hidden, bias=bias)
-
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-        return kv_cache(batch, self.kv_heads, max_len, self.head_dim, dtype, device)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: list[torch.Tensor] | None, start: int
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = rotate(self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, N, T, D]
-        k = rotate(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)  # [B, G, T, D]
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
+        q, k, v = self.split_heads(x)  # [B, N, T, D], [B, G, T, D] x 2
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         if cache is not None:
             k, v = append_kv(cache, k, v, start)  # [B, G, S, D]
         out = attend(q, k, v, start=start, scale=self.scale)  # [B, N, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)) * self.out_scale  # [B, T, H]
+        return self.output(out) * self.out_scale  # [B, T, H]
 
 
 class ScaledEmbedding(nn.Embedding):

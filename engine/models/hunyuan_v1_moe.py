@@ -13,12 +13,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from torch import nn
 
 from engine.config import DecoderArgs, RopeArgs, gqa_fields
 from engine.decoder import Block, CausalLM
 from engine.errors import UnsupportedArchitectureError
-from engine.layers import RMSNorm, append_kv, attend, kv_cache, linear
+from engine.layers import HeadProjections, RMSNorm, append_kv, attend
 from engine.models import Architecture
 from engine.moe import RoutedMoe, SoftmaxRouter
 from engine.rope import rotate
@@ -80,38 +79,27 @@ def _ntk_alpha(rope: RopeArgs, head_dim: int) -> RopeArgs:
     return replace(rope, theta=theta, rope_type="default", params={})
 
 
-class PostRopeNormAttention(nn.Module):
+class PostRopeNormAttention(HeadProjections):
     """Grouped-query attention, q and k RMS-normed per head after RoPE (`query_layernorm`,
     `key_layernorm`), optional biases on q, k, v and o.
 
     Its own class, not layers.Attention: the native decode kernels norm q and k before RoPE."""
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, *, bias: bool, eps: float) -> None:
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.q_proj = linear(hidden, heads * head_dim, bias=bias)
-        self.k_proj = linear(hidden, kv_heads * head_dim, bias=bias)
-        self.v_proj = linear(hidden, kv_heads * head_dim, bias=bias)
-        self.o_proj = linear(heads * head_dim, hidden, bias=bias)
+        super().__init__(hidden, heads, kv_heads, head_dim, qkv_bias=bias, o_bias=bias)
         self.query_layernorm = RMSNorm(head_dim, eps)
         self.key_layernorm = RMSNorm(head_dim, eps)
-
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-        return kv_cache(batch, self.kv_heads, max_len, self.head_dim, dtype, device)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: list[torch.Tensor] | None, start: int
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, N, T, D]
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
+        q, k, v = self.split_heads(x)  # [B, N, T, D], [B, G, T, D] x 2
         q = self.query_layernorm(rotate(q, cos, sin))
         k = self.key_layernorm(rotate(k, cos, sin))
         if cache is not None:
             k, v = append_kv(cache, k, v, start)  # [B, G, S, D]
         out = attend(q, k, v, start=start, scale=self.head_dim**-0.5)  # [B, N, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))  # [B, T, H]
+        return self.output(out)  # [B, T, H]
 
 
 def build(args: HunyuanMoeArgs) -> CausalLM:

@@ -24,7 +24,7 @@ from torch import nn
 from engine.config import DecoderArgs, gqa_fields
 from engine.decoder import Block, CausalLM
 from engine.errors import UnsupportedArchitectureError
-from engine.layers import MLP, append_kv, attend, kv_cache, linear
+from engine.layers import MLP, HeadProjections, append_kv, attend
 from engine.models import Architecture
 from engine.moe import Experts
 from engine.qmatmul import matmul
@@ -92,7 +92,7 @@ def chunked_attend(
     )  # [B, N, T, D]
 
 
-class Llama4Attention(nn.Module):
+class Llama4Attention(HeadProjections):
     """Grouped-query attention in Llama 4's two kinds (see the module docstring): `rope` layers turn
     interleaved pairs, L2-norm q and k (`qk_norm`) and attend within `chunk`s; the others scale q
     by log1p(floor((p + 1) / floor_scale)) * attn_scale + 1 at position p (`temperature`).
@@ -100,28 +100,18 @@ class Llama4Attention(nn.Module):
     Its own class, not layers.Attention: the native decode kernels know neither chunks nor NoPE."""
 
     def __init__(self, args: Llama4TextArgs, *, rope: bool) -> None:
-        super().__init__()
-        h, n, g, d = args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim
-        self.heads, self.kv_heads, self.head_dim = n, g, d
-        self.q_proj = linear(h, n * d, bias=args.attention_bias)
-        self.k_proj = linear(h, g * d, bias=args.attention_bias)
-        self.v_proj = linear(h, g * d, bias=args.attention_bias)
-        self.o_proj = linear(n * d, h, bias=args.attention_bias)
+        bias = args.attention_bias
+        super().__init__(args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, qkv_bias=bias, o_bias=bias)
         self.rope = rope
         self.chunk = args.chunk if rope else None
         self.qk_norm_eps = args.rms_norm_eps if rope and args.qk_norm else None
         self.temperature = None if rope or not args.temperature_tuning else (args.floor_scale, args.attn_scale)
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
-        return kv_cache(batch, self.kv_heads, max_len, self.head_dim, dtype, device)
-
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: list[torch.Tensor] | None, start: int
     ) -> torch.Tensor:
-        b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B, N, T, D]
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, G, T, D]
+        t = x.shape[1]
+        q, k, v = self.split_heads(x)  # [B, N, T, D], [B, G, T, D] x 2
         if self.rope:
             # De-interleaved output in q and k alike: q.k and the L2 norm are unchanged.
             q, k = rotate_interleaved(q, cos, sin), rotate_interleaved(k, cos, sin)
@@ -139,7 +129,7 @@ class Llama4Attention(nn.Module):
             out = attend(q, k, v, start=start, scale=scale)  # [B, N, T, D]
         else:
             out = chunked_attend(q, k, v, start=start, chunk=self.chunk, scale=scale)  # [B, N, T, D]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))  # [B, T, H]
+        return self.output(out)  # [B, T, H]
 
 
 class SigmoidTopKRouter(nn.Module):
