@@ -215,8 +215,8 @@ static const AbiField ABI[] = {
     FIELD(BlockArgs, eps), FIELD(BlockArgs, router), FIELD(BlockArgs, w13), FIELD(BlockArgs, s13),
     FIELD(BlockArgs, w2), FIELD(BlockArgs, s2), FIELD(BlockArgs, hidden), FIELD(BlockArgs, rotary), FIELD(BlockArgs, qgate),
     FIELD(BlockArgs, window), FIELD(BlockArgs, slots), FIELD(BlockArgs, act), FIELD(BlockArgs, routing),
-    FIELD(BlockArgs, n_group), FIELD(BlockArgs, topk_group), FIELD(BlockArgs, alpha), FIELD(BlockArgs, limit),
-    FIELD(BlockArgs, scaling), FIELD(BlockArgs, sinks), FIELD(BlockArgs, b13), FIELD(BlockArgs, b2),
+    FIELD(BlockArgs, n_group), FIELD(BlockArgs, topk_group), FIELD(BlockArgs, qk_whole), FIELD(BlockArgs, alpha),
+    FIELD(BlockArgs, limit), FIELD(BlockArgs, scaling), FIELD(BlockArgs, clip), FIELD(BlockArgs, sinks), FIELD(BlockArgs, b13), FIELD(BlockArgs, b2),
     FIELD(BlockArgs, correction), FIELD(BlockArgs, shared), FIELD(BlockArgs, linear),
 };
 
@@ -599,16 +599,33 @@ static void attn_rotate(void *ctx, int64_t begin, int64_t end) { /* norm + rotat
     for (int64_t hb = begin; hb < end; hb++) {
         int64_t i = hb / all, h = hb % all;
         float *row = j->qkv + i * j->width;
+        const float *qnorm = a->qk_whole ? NULL : a->qnorm, *knorm = a->qk_whole ? NULL : a->knorm; /* normed whole */
         if (h < a->heads) {
-            norm_rotate(row + h * j->qstride, j->d, a->rotary, a->qnorm, a->qk_eps, j->cos, j->sin);
+            norm_rotate(row + h * j->qstride, j->d, a->rotary, qnorm, a->qk_eps, j->cos, j->sin);
             continue;
         }
         int64_t g = h - a->heads, slot = a->window ? j->pos % j->slots : j->pos; /* a window's cache is a ring */
         float *k = row + nq + g * j->d, *v = row + nq + j->nkv + g * j->d;
-        norm_rotate(k, j->d, a->rotary, a->knorm, a->qk_eps, j->cos, j->sin);
+        norm_rotate(k, j->d, a->rotary, knorm, a->qk_eps, j->cos, j->sin);
         size_t at = (size_t)(((i * a->kv_heads + g) * j->slots + slot) * j->d);
         memcpy(j->kcache + at, k, sizeof(float) * (size_t)j->d);
         memcpy(j->vcache + at, v, sizeof(float) * (size_t)j->d);
+    }
+}
+
+/* q and k RMS-normed over all their heads at once (qk_whole), then q, k and v clipped (clip > 0):
+ * per sequence, before the heads are rotated. */
+static void attn_whole(const AttnJob *j) {
+    const BlockArgs *a = j->a;
+    int64_t nq = j->pq->n;
+    for (int64_t i = 0; i < j->b; i++) {
+        float *row = j->qkv + i * j->width;
+        if (a->qk_whole) {
+            moerag_rmsnorm(1, nq, row, a->qnorm, a->qk_eps, row);
+            moerag_rmsnorm(1, j->nkv, row + nq, a->knorm, a->qk_eps, row + nq);
+        }
+        if (a->clip > 0.f)
+            for (int64_t c = 0; c < j->width; c++) row[c] = fminf(fmaxf(row[c], -a->clip), a->clip);
     }
 }
 
@@ -657,6 +674,7 @@ static int attention(const BlockArgs *a, int64_t b, int64_t pos, const float *x,
     if (ok) {
         for (int64_t i = 0; i < b; i++) prepare(fx, &j.xa.acts[i], x + i * hx, hx, proj[0].group);
         parallel_for(j.width, attn_qkv, &j);
+        attn_whole(&j);
         parallel_for(b * (a->heads + a->kv_heads), attn_rotate, &j);
         parallel_for(b * a->heads, attn_heads, &j);
         for (int64_t i = 0; i < b; i++) prepare(fo, &j.oa.acts[i], j.att + i * nq, nq, proj[3].group);

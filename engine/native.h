@@ -54,7 +54,9 @@ typedef struct {
  *
  * The mixer is attention unless `linear` is set (then a Gated DeltaNet, and every attention field
  * but in_norm is unused). Attention: q, k, v, o in attn (biases allowed); qnorm / knorm per head
- * (or NULL); RoPE on the first `rotary` dims of each head (head_dim: whole heads); qgate 1: q_proj
+ * (or NULL), or with qk_whole over all of q's (k's) heads at once, weights [N D] ([G D]) (OLMoE,
+ * MiniMax-M2); then q, k and v clipped to +-clip when clip > 0 (OLMoE); RoPE on the first `rotary`
+ * dims of each head (head_dim: whole heads); qgate 1: q_proj
  * gives each head D query values then D gate values, and the head's output is multiplied by
  * sigmoid(gate); sinks [N] fp32: one more logit per head that carries no value (or NULL); the
  * block's cache holds `slots` positions, and with a sliding `window` (0: none) position p lives in
@@ -79,8 +81,8 @@ typedef struct {
     float qk_eps, eps;
     const Proj *router; /* [E, H], fp32 or bf16 */
     const void *w13, *s13, *w2, *s2;
-    int64_t hidden, rotary, qgate, window, slots, act, routing, n_group, topk_group;
-    float alpha, limit, scaling;
+    int64_t hidden, rotary, qgate, window, slots, act, routing, n_group, topk_group, qk_whole;
+    float alpha, limit, scaling, clip;
     const float *sinks, *b13, *b2, *correction;
     const Proj *shared;
     const LinearArgs *linear;

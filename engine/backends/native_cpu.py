@@ -44,10 +44,16 @@ class _Attention:
     qgate: bool  # q_proj gives each head D query then D gate values (Qwen3-Next's gated attention)
     window: int  # a sliding window (gpt-oss), 0 for none
     sinks: torch.Tensor | None  # [N] fp32 (gpt-oss)
+    qk_whole: bool  # q_norm / k_norm over all heads at once [N D] / [G D] (OLMoE, MiniMax-M2)
+    clip: float  # q, k and v clipped to +-clip (OLMoE), 0 for none
 
     @property
     def plain(self) -> bool:
-        return self.rotary == self.head_dim and not self.qgate and not self.window and self.sinks is None
+        return (
+            self.rotary == self.head_dim
+            and not (self.qgate or self.window or self.qk_whole or self.clip)
+            and self.sinks is None
+        )
 
 
 @dataclass
@@ -70,15 +76,13 @@ def _fp32(norm: RMSNorm) -> torch.Tensor:
 
 def _attention(attn: nn.Module) -> _Attention | None:
     """attn for the kernels, or None when it is another kind of attention (DeepSeek's latent one,
-    OLMoE's whole-projection q/k norms and clipping), a projection is in a layout the kernels do not
+    Llama 4's chunks, ...), a projection is in a layout the kernels do not
     read (fp16), or q, k and v differ in layout (format or group: e.g. one stayed float under int4;
     they share one prepared input)."""
     from engine.models.gpt_oss import SinkAttention  # the models import the decoder, which imports this
     from engine.models.qwen3_next import GatedAttention
 
     if isinstance(attn, Attention):
-        if not attn.qk_norm_per_head or attn.clip_qkv is not None:
-            return None  # the kernel norms q and k per head and clips nothing
         rotary, qgate, window, sinks = attn.rotary_dim, False, 0, None
     elif isinstance(attn, SinkAttention):
         rotary, qgate, window, sinks = attn.head_dim, False, attn.window or 0, attn.sinks.float().contiguous()
@@ -95,9 +99,12 @@ def _attention(attn: nn.Module) -> _Attention | None:
     q_norm, k_norm = (getattr(attn, name, None) for name in ("q_norm", "k_norm"))
     norms = [None if n is None else _fp32(n) for n in (q_norm, k_norm)]
     eps = 0.0 if q_norm is None else q_norm.eps
+    whole = isinstance(attn, Attention) and q_norm is not None and not attn.qk_norm_per_head
+    clip = float(getattr(attn, "clip_qkv", None) or 0.0)
     return _Attention(
-        projs, keep + [sinks], attn.heads, attn.kv_heads, attn.head_dim, *norms, eps, rotary, qgate, window, sinks
-    )
+        projs, keep + [sinks], attn.heads, attn.kv_heads, attn.head_dim, *norms, eps, rotary, qgate, window, sinks,
+        whole, clip,
+    )  # fmt: skip
 
 
 def _input_kind(
@@ -127,7 +134,7 @@ def _mixer(block: nn.Module, attention: _Attention | None) -> tuple[dict, list] 
     fields = dict(
         heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim, attn=a.projs, qnorm=native.address(a.q_norm),
         knorm=native.address(a.k_norm), qk_eps=a.qk_eps, rotary=a.rotary, qgate=int(a.qgate), window=a.window,
-        sinks=native.address(a.sinks),
+        sinks=native.address(a.sinks), qk_whole=int(a.qk_whole), clip=a.clip,
     )  # fmt: skip
     return fields, []
 

@@ -62,6 +62,8 @@ CALLS = {
     "qwen3_next": (1, 0, 0),  # the same, Qwen3-Next's grouped projections, a dense layer 1
     "glm4_moe": (1, 0, 0),  # grouped sigmoid routing, shared experts, partial RoPE, a dense first layer
     "qwen2_moe": (1, 0, 0),  # q/k/v biases, the gated shared expert
+    "olmoe": (1, 0, 0),  # q/k normed over the whole projection, q/k/v clipped
+    "minimax_m2": (1, 0, 0),  # whole-projection q/k norms, partial RoPE, grouped sigmoid routing
     "dots1": (1, 0, 0),  # Qwen3's attention, DeepSeek-V3's experts and dense first layer
     "llama": (1, 0, 0),  # dense: the MLP is the block's only feed-forward
     "qwen3": (1, 0, 0),
@@ -70,7 +72,9 @@ LAYOUTS = [(torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "int8
 
 
 @pytest.mark.usefixtures("kernels")
-@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral", "qwen3_moe_awkward", "gpt_oss", "qwen3_5_moe", "glm4_moe"])
+@pytest.mark.parametrize(
+    "name", ["qwen3_moe", "mixtral", "qwen3_moe_awkward", "gpt_oss", "qwen3_5_moe", "glm4_moe", "olmoe", "minimax_m2"]
+)
 @pytest.mark.parametrize(("dtype", "scheme"), LAYOUTS)
 def test_fused_step_equals_the_per_block_path(tiny_checkpoint, monkeypatch, name, dtype, scheme) -> None:
     _, path = tiny_checkpoint(name)

@@ -247,7 +247,7 @@ def _mirror(name: str, fields: list[tuple]) -> type[ctypes.Structure]:
 
 _PROJ, _BLOCK = native.Proj._fields_, native.BlockArgs._fields_
 _SWAPPED = {"w13": "w2", "w2": "w13"}
-_BLOCK_BYTES, _W13 = ctypes.sizeof(native.BlockArgs), native.BlockArgs.w13.offset  # 160 + 96, 128 on 64-bit machines
+_BLOCK_BYTES, _W13 = ctypes.sizeof(native.BlockArgs), native.BlockArgs.w13.offset  # 320, 144 on 64-bit machines
 
 
 @pytest.mark.parametrize(
