@@ -94,7 +94,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):
     disk, built once per session with transformers; cached per session."""
     import torch
 
-    from tests.engine.checkpoints import CASES, save
+    from tests.engine.cases import CASES
+    from tests.engine.checkpoints import save
 
     cache: dict = {}
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import engine
-from tests.engine.checkpoints import CASES, add_tokenizer, save
+from tests.engine.cases import CASES
+from tests.engine.checkpoints import add_tokenizer, save
 
 PROMPT = torch.arange(5, 300, 19)[:12]
 

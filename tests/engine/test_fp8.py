@@ -24,7 +24,8 @@ from engine.layers import Linear
 from engine.quant_methods import LOADABLE
 from engine.quantization import QuantizedExperts, QuantizedLinear
 from kernels.formats import dequantize, quantize_int4, quantize_int8
-from tests.engine.checkpoints import CASES, VOCAB, assert_matches_transformers, save_fp8, transformers_model
+from tests.engine.cases import CASES, VOCAB
+from tests.engine.checkpoints import assert_matches_transformers, save_fp8, transformers_model
 
 NEW_TOKENS = 32
 # [Bo, B]: qwen3_moe's 64 and 32 wide inputs in blocks of 24 (partial); deepseek_v3's rows of 24 in

@@ -28,11 +28,9 @@ from engine.info import describe
 from engine.loader import load_checkpoint
 from engine.tokenizer import chat_prompt
 from kernels.formats import GGUF_FORMATS
+from tests.engine.cases import CASES, INIT, VOCAB
 from tests.engine.checkpoints import (
-    CASES,
     CHAT_TEMPLATE,
-    INIT,
-    VOCAB,
     add_tokenizer,
     assert_matches_transformers,
     gguf_blocks,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 import engine
-from tests.engine.checkpoints import CASES, VOCAB
+from tests.engine.cases import CASES, VOCAB
 
 
 def test_sliding_layers_cache_only_their_window_and_decode_matches_one_forward(tiny_checkpoint) -> None:

@@ -32,7 +32,8 @@ from engine.info import describe
 from engine.quantization import QuantizedExperts, QuantizedLinear, quantize
 from kernels.formats import INT4ZP, pack_int4, quantize_int4
 from kernels.formats import dequantize as dequantize_reference
-from tests.engine.checkpoints import INIT, VOCAB, assert_matches_transformers, use_portable_kernels
+from tests.engine.cases import INIT, VOCAB
+from tests.engine.checkpoints import assert_matches_transformers, use_portable_kernels
 from tests.engine.test_native import _close, _round_chunks
 
 NEW_TOKENS = 32

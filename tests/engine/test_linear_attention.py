@@ -14,7 +14,7 @@ import torch
 
 import engine
 from engine.models.qwen3_next import CHUNK, gated_delta_rule
-from tests.engine.checkpoints import VOCAB
+from tests.engine.cases import VOCAB
 
 
 def _close(got: torch.Tensor, want: torch.Tensor) -> float:

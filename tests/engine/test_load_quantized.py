@@ -17,7 +17,8 @@ import engine
 from engine.export import quantize_checkpoint
 from engine.loader import QUANTIZATION_LAYOUT, load_checkpoint
 from engine.quantization import TARGETS, quantize_modules
-from tests.engine.checkpoints import INIT, VOCAB, save
+from tests.engine.cases import INIT, VOCAB
+from tests.engine.checkpoints import save
 
 PROMPT = torch.arange(3, VOCAB, 17)[:16]
 LAYERS = 6
@@ -108,7 +109,10 @@ def test_quantized_checkpoint_loads_as_stored(
 
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["moerag_quantization"] == {
-        "scheme": scheme, "group_size": group, "targets": list(TARGETS), "layout": QUANTIZATION_LAYOUT
+        "scheme": scheme,
+        "group_size": group,
+        "targets": list(TARGETS),
+        "layout": QUANTIZATION_LAYOUT,
     }
     with safe_open(str(tmp_path / "q" / "model.safetensors"), framework="pt") as f:
         assert json.loads(f.metadata()["moerag_quantization"])["scheme"] == scheme

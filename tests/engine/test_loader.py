@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 import engine
 from engine.errors import CheckpointError, MissingTensorError, TensorShapeError, UnexpectedTensorError
-from tests.engine.checkpoints import VOCAB, save
+from tests.engine.cases import VOCAB
+from tests.engine.checkpoints import save
 
 TOKENS = torch.arange(0, VOCAB, 13)[:20]
 

@@ -20,14 +20,8 @@ from engine.errors import CheckpointError, TensorShapeError
 from engine.ggml_quants import GGUFExperts, GGUFLinear
 from engine.info import describe
 from kernels.formats import MXFP4, dequantize
-from tests.engine.checkpoints import (
-    CASES,
-    VOCAB,
-    assert_matches_transformers,
-    save_mxfp4,
-    transformers_model,
-    use_portable_kernels,
-)
+from tests.engine.cases import CASES, VOCAB
+from tests.engine.checkpoints import assert_matches_transformers, save_mxfp4, transformers_model, use_portable_kernels
 
 # The OCP microscaling spec's e2m1 values, by code (sign bit 3, then 2 exponent and 1 mantissa bits).
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import engine
-from tests.engine.checkpoints import CASES, VOCAB, RoutingRecorder
+from tests.engine.cases import CASES, VOCAB
+from tests.engine.checkpoints import RoutingRecorder
 
 NEW_TOKENS = 32
 
